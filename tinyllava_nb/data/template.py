@@ -8,19 +8,19 @@ __all__ = ['IGNORE_INDEX', 'IMAGE_TOKEN_INDEX', 'DEFAULT_IMAGE_TOKEN', 'SYSTEM',
            'PhiTemplate', 'GemmaTemplate', 'Qwen2BaseTemplate', 'Qwen2InstructTemplate', 'tokenize_spans', 'LabelView',
            'show_labels', 'trained_runs', 'random_conversation', 'check_encoding', 'fuzz_templates']
 
-# %% ../../nbs/10_data.template.ipynb #baa22a82
+# %% ../../nbs/10_data.template.ipynb #58bbc5c7
 from dataclasses import dataclass
 import numpy as np
 import torch
 
 from ..registry import Registry
 
-# %% ../../nbs/10_data.template.ipynb #d257ae59
+# %% ../../nbs/10_data.template.ipynb #131b5e62
 IGNORE_INDEX = -100          # label of a position that is not trained
 IMAGE_TOKEN_INDEX = -200     # input id of the slot an image's features go into
 DEFAULT_IMAGE_TOKEN = "<image>"
 
-# %% ../../nbs/10_data.template.ipynb #d951f88c
+# %% ../../nbs/10_data.template.ipynb #141a4e4d
 @dataclass(frozen=True)
 class Formatter:
     "A text slot with an optional `{{content}}` placeholder."
@@ -35,15 +35,18 @@ class Formatter:
         "The text before `{{content}}`: what is written before an answer starts."
         return self.slot.split("{{content}}")[0]
 
-# %% ../../nbs/10_data.template.ipynb #f15e441b
+# %% ../../nbs/10_data.template.ipynb #3af789e0
 class SampleError(ValueError):
-    "A sample that cannot be encoded or trained on; the message says why."
+    "A sample that cannot be encoded or trained on: a short `kind` (for counting) and the details."
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
 
-# %% ../../nbs/10_data.template.ipynb #8369cbf0
+# %% ../../nbs/10_data.template.ipynb #6d5daa27
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
-# %% ../../nbs/10_data.template.ipynb #b8bffa49
+# %% ../../nbs/10_data.template.ipynb #8c485280
 def split_turns(messages: list,          # [{'from': 'human'|'gpt', 'value': str}, ...]
                 mode: str = 'train',     # 'train': every question needs an answer; 'infer': the last answer is asked for
                ) -> tuple:
@@ -54,19 +57,19 @@ def split_turns(messages: list,          # [{'from': 'human'|'gpt', 'value': str
         role = m.get('from') if isinstance(m, dict) else None
         if role != ('human', 'gpt')[i % 2]:
             expected = ('human', 'gpt')[i % 2]
-            raise SampleError(f"turn {i} is from {role!r}; expected {expected!r} (turns alternate human, gpt, ...)")
+            raise SampleError("bad role", f"turn {i} is from {role!r}; expected {expected!r} (turns alternate human, gpt, ...)")
         last_infer = mode == 'infer' and i == len(messages) - 1 and role == 'gpt'
         if not isinstance(m.get('value'), str) and not last_infer:
-            raise SampleError(f"turn {i} has value {m.get('value')!r}; expected a string")
+            raise SampleError("bad value", f"turn {i} has value {m.get('value')!r}; expected a string")
     questions = [m['value'] for m in messages[0::2]]
     answers = [m['value'] for m in messages[1::2]]
     if mode == 'infer': answers = answers[:len(questions) - 1] + [None]
-    elif len(answers) < len(questions): raise SampleError("unbalanced turns: the last question has no answer")
+    elif len(answers) < len(questions): raise SampleError("unbalanced turns", "the last question has no answer")
     for i, a in enumerate(answers):
-        if a is not None and DEFAULT_IMAGE_TOKEN in a: raise SampleError(f"answer {i} contains {DEFAULT_IMAGE_TOKEN!r}")
+        if a is not None and DEFAULT_IMAGE_TOKEN in a: raise SampleError("image in answer", f"answer {i} contains {DEFAULT_IMAGE_TOKEN!r}")
     return questions, answers
 
-# %% ../../nbs/10_data.template.ipynb #00eef68a
+# %% ../../nbs/10_data.template.ipynb #ade5e738
 @dataclass
 class Template:
     "A chat format: how the system prompt, turns and images become one prompt string."
@@ -80,8 +83,8 @@ class Template:
         text, spans = "", []
         for i, (q, a) in enumerate(zip(questions, answers)):
             if i == 0: text += self.system.apply()
-            for _ in range(q.count(DEFAULT_IMAGE_TOKEN)):
-                q = self.format_image_token.apply(q.replace(DEFAULT_IMAGE_TOKEN, '').strip()).strip()
+            n_images, q = q.count(DEFAULT_IMAGE_TOKEN), q.replace(DEFAULT_IMAGE_TOKEN, '').strip() if DEFAULT_IMAGE_TOKEN in q else q
+            for _ in range(n_images): q = self.format_image_token.apply(q).strip()
             text += self.format_user.apply(q)
             head = self.format_assistant.head.rstrip()
             if a is None: return text + head, spans
@@ -90,7 +93,7 @@ class Template:
             spans.append((start, len(text)))
         return text, spans
 
-# %% ../../nbs/10_data.template.ipynb #136956a2
+# %% ../../nbs/10_data.template.ipynb #3256806c
 templates = Registry('template')
 register_template = templates.register
 
@@ -98,7 +101,7 @@ def TemplateFactory(name: str) -> type:
     "The template class registered as `name` (TinyLLaVA Factory's entry point: `TemplateFactory('phi')()`)."
     return templates[name]
 
-# %% ../../nbs/10_data.template.ipynb #c141a00f
+# %% ../../nbs/10_data.template.ipynb #0ad81482
 @register_template('pretrain')
 @dataclass
 class PretrainTemplate(Template):
@@ -133,7 +136,7 @@ class Qwen2BaseTemplate(Template):
 class Qwen2InstructTemplate(Template):
     format_assistant: Formatter = Formatter("ASSISTANT: {{content}}<|im_end|>")
 
-# %% ../../nbs/10_data.template.ipynb #f44cffc4
+# %% ../../nbs/10_data.template.ipynb #9ffd8027
 def _offsets(tokenizer, pieces: list) -> tuple:
     "Token ids and per-token (start, end) character offsets of each text piece (whole piece if no offsets)."
     if getattr(tokenizer, 'is_fast', False):
@@ -179,7 +182,7 @@ def _chunks(text: str, cuts: set) -> list:
         pos += len(part)
     return out
 
-# %% ../../nbs/10_data.template.ipynb #2295823a
+# %% ../../nbs/10_data.template.ipynb #dde04495
 def _encode(self: Template,
             messages: list,        # LLaVA turns: [{'from': 'human'|'gpt', 'value': str}, ...]
             tokenizer,             # a Hugging Face tokenizer
@@ -194,7 +197,7 @@ def _encode(self: Template,
 
 Template.encode = _encode
 
-# %% ../../nbs/10_data.template.ipynb #43298686
+# %% ../../nbs/10_data.template.ipynb #4ccd96c3
 import html
 
 class LabelView:
@@ -229,7 +232,7 @@ def show_labels(encoded: dict, tokenizer) -> LabelView:
     "A coloured view of an `encode(..., mode='train')` result."
     return LabelView(encoded['input_ids'], encoded['labels'], tokenizer)
 
-# %% ../../nbs/10_data.template.ipynb #f81889b1
+# %% ../../nbs/10_data.template.ipynb #74374c12
 def trained_runs(labels: torch.Tensor) -> list:
     "The label ids of each run of consecutive trained positions (one run per answer)."
     trained = (labels != IGNORE_INDEX).tolist()
@@ -239,7 +242,7 @@ def trained_runs(labels: torch.Tensor) -> list:
         elif cur: runs.append(cur); cur = []
     return runs + ([cur] if cur else [])
 
-# %% ../../nbs/10_data.template.ipynb #03c56564
+# %% ../../nbs/10_data.template.ipynb #c5b54549
 import random
 
 _WORDS = ("red green blue circle square star yes no two left of the ü 漢字 ☃ é 🙂 ASSISTANT: USER: </s> "
@@ -269,7 +272,7 @@ def check_encoding(template: Template, messages: list, tokenizer) -> None:
     assert torch.equal(inf, enc['input_ids'][:len(inf)]), "infer ids are not a prefix of train ids"
     assert enc['labels'][len(inf)] != IGNORE_INDEX, "the token after the infer prompt is not trained"
 
-# %% ../../nbs/10_data.template.ipynb #200f13dd
+# %% ../../nbs/10_data.template.ipynb #6365236f
 def fuzz_templates(n: int = 1000, seed: int = 0, families=None, names=None) -> int:
     "Run `check_encoding` on `n` random conversations for every template x toy tokenizer; return the count."
     from tinyllava_nb.toy import toy_tokenizer, toy_tokenizers
