@@ -5,14 +5,15 @@
 # %% auto #0
 __all__ = ['commands', 'EXAMPLE', 'Command', 'main', 'load_tokenizer']
 
-# %% ../nbs/90_cli.ipynb #1e6b292a
+# %% ../nbs/90_cli.ipynb #08263b33
 import argparse, json, sys
 from dataclasses import dataclass
 from typing import Callable
 
-from .registry import Registry
+from .registry import Registry, UnknownNameError
+from .data.template import SampleError
 
-# %% ../nbs/90_cli.ipynb #9abe7357
+# %% ../nbs/90_cli.ipynb #67f49a53
 @dataclass
 class Command:
     "A `tinyllava-nb` subcommand."
@@ -30,9 +31,12 @@ def main(argv: list = None) -> int:
         cmd = commands[name]
         cmd.add_args(sub.add_parser(name, help=cmd.help, description=cmd.help))
     args = parser.parse_args(argv)
-    return commands[args.command].run(args) or 0
+    try: return commands[args.command].run(args) or 0
+    except (UnknownNameError, SampleError) as e:   # the user's input: a clear message, no traceback
+        print(f"tinyllava-nb {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
-# %% ../nbs/90_cli.ipynb #ce0cdbe1
+# %% ../nbs/90_cli.ipynb #faf6a491
 def load_tokenizer(spec: str):
     "A tokenizer from `toy:FAMILY` (offline toy) or a local path / hub name."
     if spec.startswith('toy:'):
@@ -42,7 +46,7 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(spec)
 
-# %% ../nbs/90_cli.ipynb #7f058a6b
+# %% ../nbs/90_cli.ipynb #98085d04
 EXAMPLE = [{'from': 'human', 'value': '<image>\nWhat colour is the circle?'}, {'from': 'gpt', 'value': 'Red.'},
            {'from': 'human', 'value': 'And the square?'}, {'from': 'gpt', 'value': 'Blue.'}]
 
