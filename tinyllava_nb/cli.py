@@ -5,38 +5,42 @@
 # %% auto #0
 __all__ = ['commands', 'EXAMPLE', 'Command', 'main', 'load_tokenizer']
 
-# %% ../nbs/90_cli.ipynb #08263b33
-import argparse, json, sys
+# %% ../nbs/90_cli.ipynb #dfdb2494
+import argparse, json, os, sys
 from dataclasses import dataclass
 from typing import Callable
 
 from .registry import Registry, UnknownNameError
 from .data.template import SampleError
 
-# %% ../nbs/90_cli.ipynb #67f49a53
+# %% ../nbs/90_cli.ipynb #24eb9ab4
 @dataclass
 class Command:
     "A `tinyllava-nb` subcommand."
     help: str                              # one line for `tinyllava-nb --help`
-    add_args: Callable                     # add_args(parser): declare the arguments
-    run: Callable                          # run(args) -> exit code (0 or None for success)
+    add_args: Callable                     # add_args(parser) declares its arguments; None: it parses its own
+    run: Callable                          # run(args) -> exit code (0 or None for success); args: a Namespace or a list
 
 commands = Registry('command')
 
 def main(argv: list = None) -> int:
     "Entry point of the `tinyllava-nb` console script."
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog='tinyllava-nb', description="TinyLLaVA, literate: train, evaluate and look inside small LLaVA models.")
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
     for name in commands:
         cmd = commands[name]
-        cmd.add_args(sub.add_parser(name, help=cmd.help, description=cmd.help))
-    args = parser.parse_args(argv)
-    try: return commands[args.command].run(args) or 0
-    except (UnknownNameError, SampleError) as e:   # the user's input: a clear message, no traceback
-        print(f"tinyllava-nb {args.command}: error: {e}", file=sys.stderr)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        if cmd.add_args: cmd.add_args(p)
+    if argv and argv[0] in commands and commands[argv[0]].add_args is None: name, args = argv[0], argv[1:]
+    else: args = parser.parse_args(argv); name = args.command
+    try: return commands[name].run(args) or 0
+    except (UnknownNameError, SampleError, ValueError) as e:   # the user's input: a clear message, no traceback
+        if os.environ.get('TINYLLAVA_NB_TRACEBACK'): raise
+        print(f"tinyllava-nb {name}: error: {e}\n(set TINYLLAVA_NB_TRACEBACK=1 to see the traceback)", file=sys.stderr)
         return 2
 
-# %% ../nbs/90_cli.ipynb #faf6a491
+# %% ../nbs/90_cli.ipynb #2c626786
 def load_tokenizer(spec: str):
     "A tokenizer from `toy:FAMILY` (offline toy) or a local path / hub name."
     if spec.startswith('toy:'):
@@ -46,7 +50,7 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(spec)
 
-# %% ../nbs/90_cli.ipynb #98085d04
+# %% ../nbs/90_cli.ipynb #24489dbb
 EXAMPLE = [{'from': 'human', 'value': '<image>\nWhat colour is the circle?'}, {'from': 'gpt', 'value': 'Red.'},
            {'from': 'human', 'value': 'And the square?'}, {'from': 'gpt', 'value': 'Blue.'}]
 
@@ -67,5 +71,35 @@ def _labels_run(args):
     print(tpl.render(*split_turns(conv))[0], end='\n\n')
     print(show_labels(tpl.encode(conv, tok), tok).text(color=sys.stdout.isatty()))
 
-commands.register('labels', Command("show how a conversation is tokenized and which tokens are trained",
+_ = commands.register('labels', Command("show how a conversation is tokenized and which tokens are trained",
                                     _labels_args, _labels_run))
+
+# %% ../nbs/90_cli.ipynb #338731c3
+def _train_run(argv):
+    from tinyllava_nb.train.run import main as train_main
+    trainer = train_main(argv)
+    print(f"model written to {trainer.args.output_dir}")
+
+def _merge_args(p):
+    p.add_argument('adapter_dir', help="a LoRA run's output_dir")
+    p.add_argument('output_dir', help="where to write the merged model")
+
+def _merge_run(args):
+    from tinyllava_nb.train.run import merge_lora
+    print(f"merged model written to {merge_lora(args.adapter_dir, args.output_dir)}")
+
+def _toy_data_args(p):
+    p.add_argument('output_dir', nargs='?', default='toy_data')
+    p.add_argument('--n', type=int, default=32, help="number of images (default: 32)")
+    p.add_argument('--seed', type=int, default=0)
+
+def _toy_data_run(args):
+    from tinyllava_nb.toy import toy_data
+    paths = toy_data(args.output_dir, args.n, args.seed)
+    print('\n'.join(f"{k}: {v}" for k, v in paths.items()))
+
+for _name, _cmd in {
+    'train': Command("train one stage: [CONFIG.yaml] [--flag value ...] (train --help lists the flags)", None, _train_run),
+    'merge-lora': Command("merge a LoRA run into a plain model directory", _merge_args, _merge_run),
+    'toy-data': Command("write the toy data set (coloured shapes) the toy configs use", _toy_data_args, _toy_data_run),
+}.items(): commands.register(_name, _cmd)

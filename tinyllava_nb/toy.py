@@ -7,7 +7,7 @@ __all__ = ['TOY_TEXT', 'toy_tokenizers', 'toy_llm_configs', 'toy_vision', 'TOY_C
            'toy_tokenizer_table', 'toy_llm_config', 'ToyVisionSpec', 'toy_vision_config', 'toy_image_processor',
            'toy_data']
 
-# %% ../nbs/01_toy.ipynb #f6aa7b5e
+# %% ../nbs/01_toy.ipynb #1e73cead
 import json
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from .registry import Registry
 
-# %% ../nbs/01_toy.ipynb #347f7f51
+# %% ../nbs/01_toy.ipynb #e76d7d17
 TOY_TEXT = """A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions.
 USER: What is in the image? ASSISTANT: A red circle and a blue square.
 USER: What colour is the triangle? ASSISTANT: The triangle is green.
@@ -39,7 +39,7 @@ The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor 
 Question: what is the colour of the big shape? Answer: it is blue. Options: (A) yes (B) no
 """
 
-# %% ../nbs/01_toy.ipynb #a922e3c1
+# %% ../nbs/01_toy.ipynb #52fc33c9
 @dataclass(frozen=True)
 class ToyTokenizerSpec:
     "How one family's toy tokenizer is trained and wrapped."
@@ -59,7 +59,7 @@ for _name, _spec in {
     'stablelm': ToyTokenizerSpec('GPTNeoXTokenizer', 'byte', ('<|endoftext|>', '<|padding|>')),
 }.items(): toy_tokenizers.register(_name, _spec)
 
-# %% ../nbs/01_toy.ipynb #454f1c55
+# %% ../nbs/01_toy.ipynb #5256eb76
 _BYTES = tuple(f"<0x{i:02X}>" for i in range(256))
 
 @lru_cache(maxsize=None)
@@ -79,7 +79,7 @@ def _train_bpe(style: str, specials: tuple, vocab_size: int) -> tuple:
     model = json.loads(tok.to_str())['model']
     return json.dumps(model['vocab']), tuple(tuple(m) for m in model['merges'])
 
-# %% ../nbs/01_toy.ipynb #9053b6de
+# %% ../nbs/01_toy.ipynb #c5b22d12
 def toy_tokenizer(family: str,              # a registered toy family: llama, gemma, phi, qwen2, stablelm
                   legacy: bool = False,     # llama only: the `legacy` flag (how text after `</s>` tokenizes)
                   vocab_size: int = 640,    # upper bound; the small corpus may give fewer merges
@@ -95,7 +95,7 @@ def toy_tokenizer(family: str,              # a registered toy family: llama, ge
     if 'legacy' in kwargs: tok.init_kwargs['legacy'] = legacy   # transformers does not save `legacy` otherwise
     return tok
 
-# %% ../nbs/01_toy.ipynb #4ca6fb57
+# %% ../nbs/01_toy.ipynb #1be04611
 def toy_tokenizer_table(text: str = "USER: Is it red? ASSISTANT: Yes ü") -> str:
     "One line per toy family: class, vocab size, BOS/EOS/PAD and the tokens of `text`."
     rows = []
@@ -106,7 +106,7 @@ def toy_tokenizer_table(text: str = "USER: Is it red? ASSISTANT: Yes ü") -> str
                     f"pad={t.pad_token!s:14} | {toks}")
     return '\n'.join(rows)
 
-# %% ../nbs/01_toy.ipynb #6a013479
+# %% ../nbs/01_toy.ipynb #0a08e5d0
 toy_llm_configs = Registry('toy LLM config family')
 for _name, _cls in dict(llama='LlamaConfig', gemma='GemmaConfig', phi='PhiConfig', qwen2='Qwen2Config',
                         stablelm='StableLmConfig').items(): toy_llm_configs.register(_name, _cls)
@@ -128,7 +128,7 @@ def toy_llm_config(family: str,                  # a registered family: llama, g
     if family == 'gemma': cfg['head_dim'] = hidden_size // num_attention_heads
     return getattr(transformers, toy_llm_configs[family])(**{**cfg, **kwargs})
 
-# %% ../nbs/01_toy.ipynb #5bc5c2da
+# %% ../nbs/01_toy.ipynb #7fbf0cd9
 @dataclass(frozen=True)
 class ToyVisionSpec:
     "A vision family's config class and image processor class."
@@ -155,7 +155,7 @@ def toy_image_processor(family: str, image_size: int = 32):
     if spec.crop: return cls(size={'shortest_edge': image_size}, crop_size={'height': image_size, 'width': image_size})
     return cls(size={'height': image_size, 'width': image_size})
 
-# %% ../nbs/01_toy.ipynb #dbe27e9a
+# %% ../nbs/01_toy.ipynb #53a7c192
 import random
 from pathlib import Path
 from PIL import Image, ImageDraw
@@ -163,7 +163,7 @@ from PIL import Image, ImageDraw
 TOY_COLOURS = dict(red=(220, 40, 40), green=(40, 170, 60), blue=(40, 80, 220), yellow=(235, 200, 30))
 
 def toy_data(path, n: int = 32, seed: int = 0, image_size: int = 32) -> dict:
-    "Write images/, pretrain.json and finetune.json for `n` one-shape images; return their paths."
+    "Write images/, pretrain.json and finetune.json (image paths relative to `path`) for `n` images; return the paths."
     path, rng = Path(path), random.Random(seed)
     (path / 'images').mkdir(parents=True, exist_ok=True)
     pretrain, finetune = [], []
@@ -175,9 +175,9 @@ def toy_data(path, n: int = 32, seed: int = 0, image_size: int = 32) -> dict:
         (ImageDraw.Draw(img).rectangle if shape == 'square' else ImageDraw.Draw(img).ellipse)(box, fill=TOY_COLOURS[colour])
         img.save(path / 'images' / f'{i}.png')
         turn = lambda q, a: [{'from': 'human', 'value': q}, {'from': 'gpt', 'value': a}]
-        pretrain.append({'id': f'p{i}', 'image': f'{i}.png', 'conversations': turn('<image>\nDescribe the image.', f'A {colour} {shape}.')})
+        pretrain.append({'id': f'p{i}', 'image': f'images/{i}.png', 'conversations': turn('<image>\nDescribe the image.', f'A {colour} {shape}.')})
         q, a = rng.choice([('What colour is the shape?', colour.capitalize() + '.'), ('What shape is it?', f'A {shape}.')])
-        finetune.append({'id': f'f{i}', 'image': f'{i}.png', 'conversations': turn(f'<image>\n{q}', a)})
+        finetune.append({'id': f'f{i}', 'image': f'images/{i}.png', 'conversations': turn(f'<image>\n{q}', a)})
         if i % 8 == 7: finetune.append({'id': f't{i}', 'conversations': turn('Name a colour.', colour.capitalize() + '.')})
     for name, data in [('pretrain', pretrain), ('finetune', finetune)]: (path / f'{name}.json').write_text(json.dumps(data, indent=1))
-    return dict(image_folder=path / 'images', pretrain=path / 'pretrain.json', finetune=path / 'finetune.json')
+    return dict(image_folder=path, pretrain=path / 'pretrain.json', finetune=path / 'finetune.json')

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['TrainingArguments', 'param_groups', 'TinyLlavaTrainer']
 
-# %% ../../nbs/31_train.trainer.ipynb #ad64442c
+# %% ../../nbs/31_train.trainer.ipynb #2e7e59eb
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +14,7 @@ from transformers import Trainer
 
 from ..data.dataset import LengthGroupedSampler
 
-# %% ../../nbs/31_train.trainer.ipynb #e7651fdc
+# %% ../../nbs/31_train.trainer.ipynb #ae56bc48
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     "Hugging Face's training arguments plus TinyLLaVA Factory's (same names)."
@@ -36,7 +36,7 @@ class TrainingArguments(transformers.TrainingArguments):
     remove_unused_columns: bool = False           # batches carry `images`; the collator already drops the rest
     save_strategy: str = 'no'                     # checkpoints only when asked (set save_steps and 'steps')
 
-# %% ../../nbs/31_train.trainer.ipynb #05a7c441
+# %% ../../nbs/31_train.trainer.ipynb #1508a549
 def param_groups(model, lr: float, weight_decay: float, decay_names, mm_projector_lr: float = None,
                  vision_tower_lr: float = None) -> list:
     "Optimizer groups: per-part learning rates; no weight decay outside `decay_names`."
@@ -48,7 +48,7 @@ def param_groups(model, lr: float, weight_decay: float, decay_names, mm_projecto
         groups.setdefault((plr, weight_decay if n in decay_names else 0.0), []).append(p)
     return [dict(params=ps, lr=l, weight_decay=wd) for (l, wd), ps in groups.items()]
 
-# %% ../../nbs/31_train.trainer.ipynb #cd43956f
+# %% ../../nbs/31_train.trainer.ipynb #7e3f2e1b
 class TinyLlavaTrainer(Trainer):
     "`Trainer` with per-part learning rates and length-grouped sampling."
     def create_optimizer(self, model=None):
