@@ -7,14 +7,14 @@ __all__ = ['connectors', 'register_connector', 'ACTIVATIONS', 'Connector', 'conn
            'IdentityConnector', 'LinearConnector', 'MLPConnector', 'PerceiverAttention', 'feed_forward',
            'PerceiverResampler', 'ResamplerConnector', 'QFormer', 'QFormerConnector', 'MoFMLP', 'MoFMLPConnector']
 
-# %% ../../nbs/22_model.connector.ipynb #b1ae416f
+# %% ../../nbs/22_model.connector.ipynb #6cd60a89
 import re
 import torch
 from torch import nn
 
 from ..registry import Registry
 
-# %% ../../nbs/22_model.connector.ipynb #9be4159b
+# %% ../../nbs/22_model.connector.ipynb #d06c7c3c
 class Connector(nn.Module):
     "Image features [N, K, vision_hidden_size] -> LLM embeddings [N, K', hidden_size]."
     def __init__(self, config):
@@ -32,13 +32,14 @@ register_connector = connectors.register
 
 def connector_name(connector_type: str) -> str:
     "The registered connector for a `connector_type`: `mlp` for any `mlp{N}x_gelu` / `mlp{N}x_relu`, else itself."
+    if connector_type == 'mlp': raise ValueError("connector_type 'mlp' needs its depth and activation, e.g. 'mlp2x_gelu'")
     return 'mlp' if re.fullmatch(r'mlp\d+x_(gelu|relu)', connector_type or '') else connector_type
 
 def build_connector(config) -> Connector:
     "The connector `config.connector_type` names, built from `config`."
     return connectors[connector_name(config.connector_type)](config)
 
-# %% ../../nbs/22_model.connector.ipynb #d36768f9
+# %% ../../nbs/22_model.connector.ipynb #20c670d2
 @register_connector('identity')
 class IdentityConnector(Connector):
     "Pass the features through: the vision and LLM widths must be equal."
@@ -64,7 +65,7 @@ class MLPConnector(Connector):
         for _ in range(int(depth) - 1): layers += [ACTIVATIONS[act](), nn.Linear(config.hidden_size, config.hidden_size)]
         return nn.Sequential(*layers)
 
-# %% ../../nbs/22_model.connector.ipynb #388c6bd9
+# %% ../../nbs/22_model.connector.ipynb #ca57c3d2
 class PerceiverAttention(nn.Module):
     "Latents attend to [image tokens; latents] (8 heads of 64)."
     def __init__(self, dim: int, dim_head: int = 64, heads: int = 8):
@@ -116,7 +117,7 @@ class ResamplerConnector(Connector):
         return PerceiverResampler(config)
     def num_tokens(self, n_in): return self.queries
 
-# %% ../../nbs/22_model.connector.ipynb #d3553c9a
+# %% ../../nbs/22_model.connector.ipynb #71dcb77c
 class QFormer(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -140,7 +141,7 @@ class QFormerConnector(Connector):
         return QFormer(config)
     def num_tokens(self, n_in): return self.queries
 
-# %% ../../nbs/22_model.connector.ipynb #7342217a
+# %% ../../nbs/22_model.connector.ipynb #5589b85e
 class MoFMLP(nn.Module):
     def __init__(self, config):
         super().__init__()

@@ -6,7 +6,7 @@
 __all__ = ['TinyLlavaConfig', 'merge_image_features', 'TinyLlavaPreTrainedModel', 'TinyLlavaForConditionalGeneration',
            'toy_tinyllava', 'save_pretrained_all', 'load_stage_folders', 'load_pretrained']
 
-# %% ../../nbs/23_model.tinyllava.ipynb #06a1f7be
+# %% ../../nbs/23_model.tinyllava.ipynb #084ddb00
 import json, os
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from .llm import llm_family, load_tokenizer
 from .vision import split_vision_path, vision_config_of, vision_tower_name, vision_towers
 from .connector import build_connector
 
-# %% ../../nbs/23_model.tinyllava.ipynb #134d5507
+# %% ../../nbs/23_model.tinyllava.ipynb #61e43cb3
 def _sub_config(data, name_or_path: str, vision: bool = False):
     "A config from stored data (a dict with `model_type`, or a config), else read from a directory / hub name."
     if isinstance(data, PretrainedConfig): return data
@@ -31,7 +31,7 @@ def _sub_config(data, name_or_path: str, vision: bool = False):
     cfg = vision_config_of(name_or_path) if vision else AutoConfig.from_pretrained(name_or_path, trust_remote_code=True)
     return cfg.__class__.from_dict({**cfg.to_dict(), **(data or {})}) if data else cfg
 
-# %% ../../nbs/23_model.tinyllava.ipynb #57d954b7
+# %% ../../nbs/23_model.tinyllava.ipynb #f31a18de
 class TinyLlavaConfig(PretrainedConfig):
     "A TinyLLaVA model: LLM, vision tower and connector, with their configs as data."
     model_type = "tinyllava"
@@ -78,7 +78,7 @@ class TinyLlavaConfig(PretrainedConfig):
         "The registered vision tower these configs describe."
         return vision_tower_name(self.vision_model_name_or_path, self.vision_config)
 
-# %% ../../nbs/23_model.tinyllava.ipynb #317971b6
+# %% ../../nbs/23_model.tinyllava.ipynb #35ffb91e
 def merge_image_features(input_ids: torch.Tensor,        # [B, T], -200 at image slots
                          attention_mask: torch.Tensor,   # [B, T] or None; left or right padding
                          labels: torch.Tensor,           # [B, T] or None
@@ -120,7 +120,7 @@ def merge_image_features(input_ids: torch.Tensor,        # [B, T], -200 at image
         new_labels = new_labels[:, :max_length] if new_labels is not None else None
     return embeds, new_mask.long(), position_ids, new_labels
 
-# %% ../../nbs/23_model.tinyllava.ipynb #f97dd21d
+# %% ../../nbs/23_model.tinyllava.ipynb #69cd43b7
 class TinyLlavaPreTrainedModel(PreTrainedModel):
     config_class = TinyLlavaConfig
     base_model_prefix = ""
@@ -149,7 +149,7 @@ class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel, GenerationMixi
         "Vectors one (non-anyres) image becomes in the LLM."
         return self.connector.num_tokens(self.vision_tower.num_tokens(self.config.vision_feature_select_strategy))
 
-# %% ../../nbs/23_model.tinyllava.ipynb #b8ca01f2
+# %% ../../nbs/23_model.tinyllava.ipynb #b97640ac
 @patch
 def encode_images(self: TinyLlavaForConditionalGeneration, images) -> tuple:
     "(features [sum K'_i, D], sizes [N]) for images [N, 3, H, W], [N, 1+t, 3, H, W] or a list of per-image tensors."
@@ -163,7 +163,7 @@ def encode_images(self: TinyLlavaForConditionalGeneration, images) -> tuple:
     sizes = (tiles * feats.shape[1]).to(feats.device)
     return feats.flatten(0, 1), sizes
 
-# %% ../../nbs/23_model.tinyllava.ipynb #fd681eec
+# %% ../../nbs/23_model.tinyllava.ipynb #ee479429
 @patch
 def prepare_inputs(self: TinyLlavaForConditionalGeneration, input_ids, attention_mask=None, labels=None, images=None) -> dict:
     "LLM inputs: `inputs_embeds` with the images merged in, `attention_mask`, `position_ids`, `labels`."
@@ -198,7 +198,7 @@ def generate(self: TinyLlavaForConditionalGeneration, input_ids=None, images=Non
     kwargs.setdefault('pad_token_id', self.config.pad_token_id)
     return self.language_model.generate(**inputs, **kwargs)
 
-# %% ../../nbs/23_model.tinyllava.ipynb #a02d589e
+# %% ../../nbs/23_model.tinyllava.ipynb #40e2c2f3
 def toy_tinyllava(llm: str = 'phi', vision: str = 'siglip', connector: str = 'mlp2x_gelu', image_size: int = 32,
                   vision_hidden_size: int = 32, seed: int = 0, **kwargs) -> tuple:
     "(model, tokenizer, image_processor): a tiny random TinyLLaVA of the given parts, built offline."
@@ -216,7 +216,7 @@ def toy_tinyllava(llm: str = 'phi', vision: str = 'siglip', connector: str = 'ml
     model.vision_tower.image_processor = toy_image_processor('clip' if vision == 'mof' else vision, image_size)
     return model, tok, model.vision_tower.image_processor
 
-# %% ../../nbs/23_model.tinyllava.ipynb #fadaff59
+# %% ../../nbs/23_model.tinyllava.ipynb #4ead1cfb
 transformers.AutoConfig.register("tinyllava", TinyLlavaConfig, exist_ok=True)
 transformers.AutoModelForCausalLM.register(TinyLlavaConfig, TinyLlavaForConditionalGeneration, exist_ok=True)
 
@@ -226,7 +226,7 @@ def save_pretrained_all(model, tokenizer, image_processor, path) -> Path:
     if image_processor is not None: image_processor.save_pretrained(path)
     return Path(path)
 
-# %% ../../nbs/23_model.tinyllava.ipynb #6d1c1896
+# %% ../../nbs/23_model.tinyllava.ipynb #a2d20126
 def _load_bin(path) -> dict: return torch.load(path, map_location='cpu', weights_only=True)
 
 def load_stage_folders(model: TinyLlavaForConditionalGeneration, path) -> TinyLlavaForConditionalGeneration:
@@ -242,9 +242,10 @@ def load_stage_folders(model: TinyLlavaForConditionalGeneration, path) -> TinyLl
         if missing or unexpected: raise ValueError(f"{f}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
     return model
 
-def load_pretrained(path, torch_dtype=None, device=None) -> tuple:
-    "(model, tokenizer, image_processor) from a TinyLLaVA directory: ours, a released TinyLLaVA Factory one, or its pretrain folders."
+def load_pretrained(path, torch_dtype=None, device=None, merge_lora: bool = True) -> tuple:
+    "(model, tokenizer, image_processor) from a TinyLLaVA directory: ours, a LoRA run's, a released TinyLLaVA Factory one, or its pretrain folders."
     path = Path(path)
+    if (path / 'adapter_config.json').exists(): return _load_lora(path, torch_dtype, device, merge_lora)
     config = TinyLlavaConfig.from_pretrained(path)
     if (path / 'connector' / 'pytorch_model.bin').exists():
         model = load_stage_folders(TinyLlavaForConditionalGeneration(config), path)
@@ -259,4 +260,17 @@ def load_pretrained(path, torch_dtype=None, device=None) -> tuple:
     vision_path = split_vision_path(config.vision_model_name_or_path)[1]
     processor = AutoImageProcessor.from_pretrained(path if has_proc else vision_path) if (has_proc or vision_path) else None
     model.vision_tower.image_processor = processor
+    return model.eval(), tokenizer, processor
+
+def _load_lora(path: Path, torch_dtype, device, merge: bool) -> tuple:
+    "A LoRA run: its base model (named in adapter_config.json) with the adapter applied, merged unless `merge=False`."
+    from peft import PeftModel
+    base = json.loads((path / 'adapter_config.json').read_text()).get('base_model_name_or_path')
+    if not base or not (Path(base) / 'config.json').exists():
+        raise FileNotFoundError(f"{path} is a LoRA adapter whose base model {base!r} is not a model directory")
+    model, tokenizer, processor = load_pretrained(base, torch_dtype, device)
+    model = PeftModel.from_pretrained(model, path)
+    if merge: model = model.merge_and_unload()
+    if (path / 'tokenizer_config.json').exists(): tokenizer = load_tokenizer(str(path), model.config.text_config,
+                                                                           model.config.tokenizer_model_max_length, model.config.tokenizer_padding_side)
     return model.eval(), tokenizer, processor
