@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['commands', 'EXAMPLE', 'SCORE_ARGS', 'CONVERT_ARGS', 'Command', 'main', 'load_tokenizer']
 
-# %% ../nbs/90_cli.ipynb #eebd26fe
+# %% ../nbs/90_cli.ipynb #095234eb
 import argparse, json, os, sys
 from pathlib import Path
 from dataclasses import dataclass
@@ -14,7 +14,7 @@ from typing import Callable
 from .registry import Registry, UnknownNameError
 from .data.template import SampleError
 
-# %% ../nbs/90_cli.ipynb #ee86346a
+# %% ../nbs/90_cli.ipynb #a985e968
 @dataclass
 class Command:
     "A `tinyllava-nb` subcommand."
@@ -41,7 +41,7 @@ def main(argv: list = None) -> int:
         print(f"tinyllava-nb {name}: error: {e}\n(set TINYLLAVA_NB_TRACEBACK=1 to see the traceback)", file=sys.stderr)
         return 2
 
-# %% ../nbs/90_cli.ipynb #76c342eb
+# %% ../nbs/90_cli.ipynb #28bea70d
 def load_tokenizer(spec: str):
     "A tokenizer from `toy:FAMILY` (offline toy) or a local path / hub name."
     if spec.startswith('toy:'):
@@ -51,7 +51,7 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(spec)
 
-# %% ../nbs/90_cli.ipynb #add7b1b7
+# %% ../nbs/90_cli.ipynb #d9457878
 EXAMPLE = [{'from': 'human', 'value': '<image>\nWhat colour is the circle?'}, {'from': 'gpt', 'value': 'Red.'},
            {'from': 'human', 'value': 'And the square?'}, {'from': 'gpt', 'value': 'Blue.'}]
 
@@ -75,7 +75,7 @@ def _labels_run(args):
 _ = commands.register('labels', Command("show how a conversation is tokenized and which tokens are trained",
                                     _labels_args, _labels_run))
 
-# %% ../nbs/90_cli.ipynb #f77cd58a
+# %% ../nbs/90_cli.ipynb #c38f719e
 def _train_run(argv):
     from tinyllava_nb.train.run import main as train_main
     trainer = train_main(argv)
@@ -105,7 +105,7 @@ for _name, _cmd in {
     'toy-data': Command("write the toy data set (coloured shapes) the toy configs use", _toy_data_args, _toy_data_run),
 }.items(): commands.register(_name, _cmd)
 
-# %% ../nbs/90_cli.ipynb #c2d9df18
+# %% ../nbs/90_cli.ipynb #c763813d
 def _model_args(p):
     p.add_argument('--model-path', required=True, help="a TinyLLaVA directory (ours, TinyLLaVA Factory's, a LoRA run)")
     p.add_argument('--conv-mode', default=None, help="chat template (default: the model's)")
@@ -186,4 +186,33 @@ for _name, _cmd in {
     'eval': Command("answer a benchmark's questions: eval BENCHMARK --model-path ... (resumes)", _eval_args, _eval_run),
     'score': Command("score a benchmark's answers file with its official rules (one JSON object)", _bench_args(SCORE_ARGS), _bench_run(SCORE_ARGS)),
     'convert': Command("write VQAv2's EvalAI upload or MM-Vet's grader input", _bench_args(CONVERT_ARGS), _bench_run(CONVERT_ARGS)),
+}.items(): commands.register(_name, _cmd)
+
+# %% ../nbs/90_cli.ipynb #08ef9db3
+def _demo_args(p):
+    p.add_argument('--output-dir', default='runs/demo')
+    p.add_argument('--llm', default='phi', help="toy LLM family: phi, llama, qwen2, gemma, stablelm")
+    p.add_argument('--vision', default='siglip', help="toy vision tower: siglip, clip, dinov2")
+    p.add_argument('--connector', default='mlp2x_gelu')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--fast', action='store_true', help="a smaller world and fewer steps (about a minute)")
+    p.add_argument('--overwrite', action='store_true', help="replace results already in --output-dir")
+
+def _demo_run(args):
+    from tinyllava_nb.demo import demo
+    demo(args.output_dir, args.llm, args.vision, args.connector, args.seed, args.fast, args.overwrite)
+
+def _world_args(p):
+    p.add_argument('--output-dir', default='world')
+    p.add_argument('--n-train', type=int, default=3000)
+    p.add_argument('--n-eval', type=int, default=200)
+    p.add_argument('--seed', type=int, default=0)
+
+def _world_run(args):
+    from tinyllava_nb.world import make_world
+    print('\n'.join(f"{k}: {v}" for k, v in make_world(args.output_dir, args.n_train, args.n_eval, args.seed).items()))
+
+for _name, _cmd in {
+    'demo': Command("the main job: train a tiny LLaVA on the shapes world on this CPU, evaluate it, write pictures", _demo_args, _demo_run),
+    'world': Command("write the shapes world: images, training data, held-out benchmark files", _world_args, _world_run),
 }.items(): commands.register(_name, _cmd)

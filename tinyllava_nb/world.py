@@ -6,7 +6,7 @@
 __all__ = ['COLOURS', 'SHAPES', 'NUMBERS', 'VQA_SUFFIX', 'CHANCE', 'Thing', 'random_scene', 'draw', 'caption', 'questions',
            'make_world']
 
-# %% ../nbs/60_world.ipynb #e6164e38
+# %% ../nbs/60_world.ipynb #9a54b680
 import json, random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-# %% ../nbs/60_world.ipynb #f00b9e65
+# %% ../nbs/60_world.ipynb #31f08cd1
 COLOURS = dict(red=(215, 40, 40), green=(40, 165, 60), blue=(40, 80, 215), yellow=(235, 200, 30), purple=(140, 60, 185), orange=(240, 135, 25))
 SHAPES = ('circle', 'square', 'triangle', 'cross')
 NUMBERS = ('zero', 'one', 'two', 'three')
@@ -36,7 +36,7 @@ def random_scene(rng: random.Random, size: int = 48, max_things: int = 3) -> lis
     things, kinds, n = [], set(), rng.randint(1, max_things)
     for _ in range(100):
         if len(things) == n: break
-        s = rng.randint(size // 4, size // 2)
+        s = rng.randint(size // 3, size // 2)
         x, y = rng.randint(0, size - s), rng.randint(0, size - s)
         box = (x, y, x + s, y + s)
         kind = (rng.choice(SHAPES), rng.choice(list(COLOURS)))
@@ -60,7 +60,7 @@ def draw(things: list, size: int = 48, rng: random.Random = None) -> Image.Image
             d.rectangle(((x0 + x1) / 2 - w / 2, y0, (x0 + x1) / 2 + w / 2, y1), fill=c)
     return img
 
-# %% ../nbs/60_world.ipynb #f7d82bff
+# %% ../nbs/60_world.ipynb #0840a960
 def caption(things: list) -> str:
     "'A red circle and a blue square.'"
     names = [f'a {t.name}' for t in things]
@@ -86,7 +86,7 @@ def questions(things: list, rng: random.Random) -> list:
     out.append(('exist', f'Is there a {absent[1]} {absent[0]}?', 'No.'))
     return out
 
-# %% ../nbs/60_world.ipynb #b660dd90
+# %% ../nbs/60_world.ipynb #b6fbcdf2
 VQA_SUFFIX = 'Answer the question using a single word or phrase.'
 
 def _pope_absent(things, kind, rng):
@@ -158,5 +158,5 @@ def make_world(output_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0
                 vqa_gt=out / 'eval/vqa_gt.json', pope_questions=out / 'eval/pope_questions.jsonl', pope_dir=out / 'eval/pope',
                 mme_questions=out / 'eval/mme_questions.jsonl', mme_dir=out / 'eval/MME')
 
-# %% ../nbs/60_world.ipynb #e2f4b6da
+# %% ../nbs/60_world.ipynb #0b5fc36b
 CHANCE = dict(colour=1 / len(COLOURS), shape=1 / len(SHAPES), count=1 / 3, position=1 / 2, exist=1 / 2)

@@ -9,12 +9,12 @@ __all__ = ['SQA_OPTIONS', 'EVALAI_CONTRACTIONS', 'NUMBER_MAP', 'ARTICLES', 'EVAL
            'pope_metrics', 'score_pope', 'mme_yes_no', 'mme_ground_truth', 'score_mme', 'mmmu_choice', 'mmmu_normalize',
            'mmmu_numbers', 'mmmu_open', 'mmmu_correct', 'score_mmmu', 'convert_mmvet']
 
-# %% ../../nbs/42_eval.score.ipynb #ab32ef61
+# %% ../../nbs/42_eval.score.ipynb #680e72fa
 import io, json, os, re
 from collections import defaultdict
 from pathlib import Path
 
-# %% ../../nbs/42_eval.score.ipynb #90d36864
+# %% ../../nbs/42_eval.score.ipynb #d8d44051
 def read_answers(path) -> tuple:
     "(list of answer dicts, number of malformed lines) from a JSON-lines answers file."
     records, bad = [], 0
@@ -29,7 +29,7 @@ def read_answers(path) -> tuple:
 
 def _pct(num, den): return 100.0 * num / den if den else None
 
-# %% ../../nbs/42_eval.score.ipynb #94136fba
+# %% ../../nbs/42_eval.score.ipynb #bd9b2d85
 SQA_OPTIONS = ["A", "B", "C", "D", "E"]
 _SQA_ANSWER_IS = re.compile(r'The answer is ([A-Z]).')
 
@@ -67,24 +67,26 @@ def score_sqa(base_dir, result_file, split: str = 'test', output_file=None, outp
     if output_result: Path(output_result).write_text(json.dumps(dict(acc=out['accuracy'], correct=correct, count=total, results=per_problem), indent=2))
     return out
 
-# %% ../../nbs/42_eval.score.ipynb #2d85ffad
+# %% ../../nbs/42_eval.score.ipynb #48c99cb2
 def score_gqa(questions, result_file) -> dict:
     "Accuracy, binary and open accuracy on GQA's balanced questions (e.g. testdev_balanced_questions.json)."
     qs = json.loads(Path(questions).read_text())
     answers, malformed = read_answers(result_file)
     preds = {a['question_id']: str(a.get('text', '')).rstrip('.').lower() for a in answers}
-    acc, kinds, missing = [], defaultdict(list), 0
+    acc, kinds, missing, structural, semantic = [], defaultdict(list), 0, defaultdict(list), defaultdict(list)
     for qid, q in qs.items():
         if not q.get('isBalanced'): continue
         missing += qid not in preds
         score = float(preds.get(qid) == q['answer'])
         acc.append(score)
         kinds['open' if q['types']['structural'] == 'query' else 'binary'].append(score)
+        structural[q['types']['structural']].append(score); semantic[q['types'].get('semantic')].append(score)
     avg = lambda l: 100.0 * sum(l) / len(l) if l else 0.0
     return dict(accuracy=avg(acc), binary=avg(kinds['binary']), open=avg(kinds['open']), total=len(acc), missing=missing,
+                per_structural_type={k: avg(v) for k, v in structural.items()}, per_semantic_type={k: avg(v) for k, v in semantic.items()},
                 unknown_ids=sum(q not in qs for q in preds), malformed_lines=malformed)
 
-# %% ../../nbs/42_eval.score.ipynb #e9fefcd1
+# %% ../../nbs/42_eval.score.ipynb #136a6792
 _CONTRACTIONS = ("aint:ain't arent:aren't cant:can't couldve:could've couldnt:couldn't couldn'tve:couldn't've couldnt've:couldn't've "
     "didnt:didn't doesnt:doesn't dont:don't hadnt:hadn't hadnt've:hadn't've hadn'tve:hadn't've hasnt:hasn't havent:haven't hed:he'd "
     "hed've:he'd've he'dve:he'd've hes:he's howd:how'd howll:how'll hows:how's Id've:I'd've I'dve:I'd've Im:I'm Ive:I've isnt:isn't "
@@ -117,7 +119,7 @@ def _digits_articles(text: str, contractions: dict) -> str:
     words = [NUMBER_MAP.get(w, w) for w in text.lower().split()]
     return ' '.join(contractions.get(w, w) for w in words if w not in ARTICLES)
 
-# %% ../../nbs/42_eval.score.ipynb #c491764f
+# %% ../../nbs/42_eval.score.ipynb #19a35bc2
 EVALAI_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 
 def evalai_normalize(answer: str) -> str:
@@ -130,7 +132,7 @@ def vqa_normalize(answer: str) -> str:
     "The official VQA evaluator's normalisation (applied when the human answers disagree)."
     return _digits_articles(_strip_punct(answer, EVALAI_PUNCT, r"(\d)(\,)(\d)"), EVALAI_CONTRACTIONS)
 
-# %% ../../nbs/42_eval.score.ipynb #8ff98e49
+# %% ../../nbs/42_eval.score.ipynb #ba0883f5
 def textvqa_question(prompt: str):
     "The question inside a TextVQA prompt (LLaVA's formats), lower-cased; None if the format is unknown."
     if prompt.startswith('OCR tokens: '):
@@ -161,7 +163,7 @@ def score_textvqa(annotation_file, result_file) -> dict:
     return dict(accuracy=100.0 * sum(scores) / len(scores) if scores else None, samples=len(scores), unknown_ids=unknown,
                 unparsed_prompts=unparsed, malformed_lines=malformed)
 
-# %% ../../nbs/42_eval.score.ipynb #46a8d874
+# %% ../../nbs/42_eval.score.ipynb #8f2b7210
 def score_vqav2(annotation_file, question_file, result_file) -> dict:
     "Overall, per answer type and per question type VQA accuracy (official evaluator) on val-style annotations."
     anns = {a['question_id']: a for a in json.loads(Path(annotation_file).read_text())['annotations']}
@@ -194,7 +196,7 @@ def convert_vqav2(question_file, result_file, dst) -> dict:
     return dict(total_results=len(res), total_split=len(split), error_line=malformed,
                 missing=sum(q['question_id'] not in res for q in split), written=str(dst))
 
-# %% ../../nbs/42_eval.score.ipynb #81206821
+# %% ../../nbs/42_eval.score.ipynb #cc4af967
 def pope_yes_no(text: str) -> str:
     "POPE's reading of an answer: 'no' if the first sentence has the word No / no / not, else 'yes'."
     if text.find('.') != -1: text = text.split('.')[0]
@@ -230,7 +232,7 @@ def score_pope(annotation_dir, question_file, result_file) -> dict:
     return dict(categories=out, mean_accuracy=mean('accuracy'), mean_f1=mean('f1'), unknown_ids=len(answers) - len(known),
                 malformed_lines=malformed)
 
-# %% ../../nbs/42_eval.score.ipynb #acbc3130
+# %% ../../nbs/42_eval.score.ipynb #db968283
 MME_TASKS = {'perception': ['existence', 'count', 'position', 'color', 'posters', 'celebrity', 'scene', 'landmark', 'artwork', 'OCR'],
              'cognition': ['commonsense_reasoning', 'numerical_calculation', 'text_translation', 'code_reasoning']}
 
@@ -296,7 +298,7 @@ def score_mme(result_file, gt_dir) -> dict:
         out[kind] = dict(total=sum(t['score'] for t in per.values()), tasks=per, missing_tasks=[t for t in tasks if t not in per])
     return dict(**out, unknown_questions=unknown, skipped_lines=skipped, malformed_lines=malformed)
 
-# %% ../../nbs/42_eval.score.ipynb #3d93b618
+# %% ../../nbs/42_eval.score.ipynb #b1dbd2c5
 import random
 
 MMMU_DISCIPLINES = {

@@ -6,7 +6,7 @@
 __all__ = ['TinyLlavaConfig', 'merge_image_features', 'TinyLlavaPreTrainedModel', 'TinyLlavaForConditionalGeneration',
            'toy_tinyllava', 'save_pretrained_all', 'load_stage_folders', 'load_pretrained']
 
-# %% ../../nbs/23_model.tinyllava.ipynb #084ddb00
+# %% ../../nbs/23_model.tinyllava.ipynb #e53fa2ba
 import json, os
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from .llm import llm_family, load_tokenizer
 from .vision import split_vision_path, vision_config_of, vision_tower_name, vision_towers
 from .connector import build_connector
 
-# %% ../../nbs/23_model.tinyllava.ipynb #61e43cb3
+# %% ../../nbs/23_model.tinyllava.ipynb #127d5316
 def _sub_config(data, name_or_path: str, vision: bool = False):
     "A config from stored data (a dict with `model_type`, or a config), else read from a directory / hub name."
     if isinstance(data, PretrainedConfig): return data
@@ -31,7 +31,7 @@ def _sub_config(data, name_or_path: str, vision: bool = False):
     cfg = vision_config_of(name_or_path) if vision else AutoConfig.from_pretrained(name_or_path, trust_remote_code=True)
     return cfg.__class__.from_dict({**cfg.to_dict(), **(data or {})}) if data else cfg
 
-# %% ../../nbs/23_model.tinyllava.ipynb #f31a18de
+# %% ../../nbs/23_model.tinyllava.ipynb #9db0c394
 class TinyLlavaConfig(PretrainedConfig):
     "A TinyLLaVA model: LLM, vision tower and connector, with their configs as data."
     model_type = "tinyllava"
@@ -78,7 +78,7 @@ class TinyLlavaConfig(PretrainedConfig):
         "The registered vision tower these configs describe."
         return vision_tower_name(self.vision_model_name_or_path, self.vision_config)
 
-# %% ../../nbs/23_model.tinyllava.ipynb #35ffb91e
+# %% ../../nbs/23_model.tinyllava.ipynb #d8beb97c
 def merge_image_features(input_ids: torch.Tensor,        # [B, T], -200 at image slots
                          attention_mask: torch.Tensor,   # [B, T] or None; left or right padding
                          labels: torch.Tensor,           # [B, T] or None
@@ -120,7 +120,7 @@ def merge_image_features(input_ids: torch.Tensor,        # [B, T], -200 at image
         new_labels = new_labels[:, :max_length] if new_labels is not None else None
     return embeds, new_mask.long(), position_ids, new_labels
 
-# %% ../../nbs/23_model.tinyllava.ipynb #69cd43b7
+# %% ../../nbs/23_model.tinyllava.ipynb #84164cf6
 class TinyLlavaPreTrainedModel(PreTrainedModel):
     config_class = TinyLlavaConfig
     base_model_prefix = ""
@@ -149,7 +149,7 @@ class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel, GenerationMixi
         "Vectors one (non-anyres) image becomes in the LLM."
         return self.connector.num_tokens(self.vision_tower.num_tokens(self.config.vision_feature_select_strategy))
 
-# %% ../../nbs/23_model.tinyllava.ipynb #b97640ac
+# %% ../../nbs/23_model.tinyllava.ipynb #277cd73d
 @patch
 def encode_images(self: TinyLlavaForConditionalGeneration, images) -> tuple:
     "(features [sum K'_i, D], sizes [N]) for images [N, 3, H, W], [N, 1+t, 3, H, W] or a list of per-image tensors."
@@ -163,7 +163,7 @@ def encode_images(self: TinyLlavaForConditionalGeneration, images) -> tuple:
     sizes = (tiles * feats.shape[1]).to(feats.device)
     return feats.flatten(0, 1), sizes
 
-# %% ../../nbs/23_model.tinyllava.ipynb #ee479429
+# %% ../../nbs/23_model.tinyllava.ipynb #a90ec3bc
 @patch
 def prepare_inputs(self: TinyLlavaForConditionalGeneration, input_ids, attention_mask=None, labels=None, images=None) -> dict:
     "LLM inputs: `inputs_embeds` with the images merged in, `attention_mask`, `position_ids`, `labels`."
@@ -198,14 +198,17 @@ def generate(self: TinyLlavaForConditionalGeneration, input_ids=None, images=Non
     kwargs.setdefault('pad_token_id', self.config.pad_token_id)
     return self.language_model.generate(**inputs, **kwargs)
 
-# %% ../../nbs/23_model.tinyllava.ipynb #40e2c2f3
+# %% ../../nbs/23_model.tinyllava.ipynb #248f716b
 def toy_tinyllava(llm: str = 'phi', vision: str = 'siglip', connector: str = 'mlp2x_gelu', image_size: int = 32,
-                  vision_hidden_size: int = 32, seed: int = 0, **kwargs) -> tuple:
+                  vision_hidden_size: int = 32, seed: int = 0, hidden_size: int = 64, num_hidden_layers: int = 2,
+                  vision_layers: int = 2, patch_size: int = 8, **kwargs) -> tuple:
     "(model, tokenizer, image_processor): a tiny random TinyLLaVA of the given parts, built offline."
     from tinyllava_nb.toy import toy_image_processor, toy_llm_config, toy_tokenizer, toy_vision_config
     tok = llm_family(llm).post_load(toy_tokenizer(llm))
-    vcfg = lambda fam: toy_vision_config(fam, image_size=image_size, hidden_size=vision_hidden_size)
-    cfg = TinyLlavaConfig(text_config=toy_llm_config(llm, tok), vision_config=vcfg('clip' if vision == 'mof' else vision),
+    vcfg = lambda fam: toy_vision_config(fam, image_size=image_size, patch_size=patch_size, hidden_size=vision_hidden_size,
+                                         num_hidden_layers=vision_layers)
+    cfg = TinyLlavaConfig(text_config=toy_llm_config(llm, tok, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers),
+                          vision_config=vcfg('clip' if vision == 'mof' else vision),
                           connector_type=connector, vision_model_name_or_path=f'{vision}:toy' if vision == 'mof' else '',
                           vision_config2=vcfg('dinov2') if vision == 'mof' else None,
                           num_queries=kwargs.pop('num_queries', 4), num_resampler_layers=kwargs.pop('num_resampler_layers', 1),
@@ -216,7 +219,7 @@ def toy_tinyllava(llm: str = 'phi', vision: str = 'siglip', connector: str = 'ml
     model.vision_tower.image_processor = toy_image_processor('clip' if vision == 'mof' else vision, image_size)
     return model, tok, model.vision_tower.image_processor
 
-# %% ../../nbs/23_model.tinyllava.ipynb #4ead1cfb
+# %% ../../nbs/23_model.tinyllava.ipynb #c904d8e4
 transformers.AutoConfig.register("tinyllava", TinyLlavaConfig, exist_ok=True)
 transformers.AutoModelForCausalLM.register(TinyLlavaConfig, TinyLlavaForConditionalGeneration, exist_ok=True)
 
@@ -226,7 +229,7 @@ def save_pretrained_all(model, tokenizer, image_processor, path) -> Path:
     if image_processor is not None: image_processor.save_pretrained(path)
     return Path(path)
 
-# %% ../../nbs/23_model.tinyllava.ipynb #a2d20126
+# %% ../../nbs/23_model.tinyllava.ipynb #44a870df
 def _load_bin(path) -> dict: return torch.load(path, map_location='cpu', weights_only=True)
 
 def load_stage_folders(model: TinyLlavaForConditionalGeneration, path) -> TinyLlavaForConditionalGeneration:

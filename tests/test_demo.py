@@ -1,0 +1,19 @@
+"The main job's --fast variant: trains, evaluates, writes its outputs, and beats chance clearly."
+import json, os, subprocess
+from pathlib import Path
+
+def test_demo_fast(tmp_path):
+    out = tmp_path / 'demo'
+    r = subprocess.run(['tinyllava-nb', 'demo', '--fast', '--output-dir', str(out)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, 'DS_ACCELERATOR': 'cpu'})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'written to' in r.stdout.splitlines()[-1]
+    m = json.loads((out / 'metrics.json').read_text())
+    for kind in ('colour', 'exist'):
+        q = m['question_types'][kind]
+        assert q['accuracy'] > q['chance'] + 0.15, (kind, q)
+    assert m['pope']['mean_f1'] > 0.6
+    for f in ('loss.png', 'predictions.png', 'model/model.safetensors', 'model/tokenizer.json'):
+        assert (out / f).exists(), f
+    again = subprocess.run(['tinyllava-nb', 'demo', '--fast', '--output-dir', str(out)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and '--overwrite' in again.stderr
