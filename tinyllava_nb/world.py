@@ -6,7 +6,7 @@
 __all__ = ['COLOURS', 'SHAPES', 'NUMBERS', 'VQA_SUFFIX', 'CHANCE', 'Thing', 'random_scene', 'draw', 'caption', 'questions',
            'make_world']
 
-# %% ../nbs/60_world.ipynb #9a54b680
+# %% ../nbs/60_world.ipynb #88b4e93a
 import json, random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-# %% ../nbs/60_world.ipynb #31f08cd1
+# %% ../nbs/60_world.ipynb #fa025384
 COLOURS = dict(red=(215, 40, 40), green=(40, 165, 60), blue=(40, 80, 215), yellow=(235, 200, 30), purple=(140, 60, 185), orange=(240, 135, 25))
 SHAPES = ('circle', 'square', 'triangle', 'cross')
 NUMBERS = ('zero', 'one', 'two', 'three')
@@ -60,7 +60,7 @@ def draw(things: list, size: int = 48, rng: random.Random = None) -> Image.Image
             d.rectangle(((x0 + x1) / 2 - w / 2, y0, (x0 + x1) / 2 + w / 2, y1), fill=c)
     return img
 
-# %% ../nbs/60_world.ipynb #0840a960
+# %% ../nbs/60_world.ipynb #2a1dc8c0
 def caption(things: list) -> str:
     "'A red circle and a blue square.'"
     names = [f'a {t.name}' for t in things]
@@ -86,7 +86,7 @@ def questions(things: list, rng: random.Random) -> list:
     out.append(('exist', f'Is there a {absent[1]} {absent[0]}?', 'No.'))
     return out
 
-# %% ../nbs/60_world.ipynb #b6fbcdf2
+# %% ../nbs/60_world.ipynb #3d0cb557
 VQA_SUFFIX = 'Answer the question using a single word or phrase.'
 
 def _pope_absent(things, kind, rng):
@@ -111,9 +111,9 @@ def make_world(output_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0
         qall = questions(things, rng)
         qs = rng.sample(qall, k=min(rng.randint(1, 3), len(qall)))
         conv = []
-        for k, (_, q, a) in enumerate(qs):
-            conv += [{'from': 'human', 'value': ('<image>\n' if k == 0 else '') + q + ('\n' + VQA_SUFFIX if rng.random() < 0.5 else '')},
-                     {'from': 'gpt', 'value': a}]
+        for k, (kind, q, a) in enumerate(qs):
+            suffix = rng.choice(['', '\n' + VQA_SUFFIX] + ([' Please answer yes or no.'] if kind == 'exist' else []))
+            conv += [{'from': 'human', 'value': ('<image>\n' if k == 0 else '') + q + suffix}, {'from': 'gpt', 'value': a}]
         finetune.append({'id': f'qa{i}', 'image': name, 'conversations': conv})
         if rng.random() < text_only:
             c = rng.choice(list(COLOURS))
@@ -158,5 +158,5 @@ def make_world(output_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0
                 vqa_gt=out / 'eval/vqa_gt.json', pope_questions=out / 'eval/pope_questions.jsonl', pope_dir=out / 'eval/pope',
                 mme_questions=out / 'eval/mme_questions.jsonl', mme_dir=out / 'eval/MME')
 
-# %% ../nbs/60_world.ipynb #0b5fc36b
+# %% ../nbs/60_world.ipynb #8d316f39
 CHANCE = dict(colour=1 / len(COLOURS), shape=1 / len(SHAPES), count=1 / 3, position=1 / 2, exist=1 / 2)
