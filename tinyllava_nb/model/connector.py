@@ -5,16 +5,17 @@
 # %% auto #0
 __all__ = ['connectors', 'register_connector', 'ACTIVATIONS', 'Connector', 'connector_name', 'build_connector',
            'IdentityConnector', 'LinearConnector', 'MLPConnector', 'PerceiverAttention', 'feed_forward',
-           'PerceiverResampler', 'ResamplerConnector', 'QFormer', 'QFormerConnector', 'MoFMLP', 'MoFMLPConnector']
+           'PerceiverResampler', 'QueryConnector', 'ResamplerConnector', 'QFormer', 'QFormerConnector', 'MoFMLP',
+           'MoFMLPConnector']
 
-# %% ../../nbs/22_model.connector.ipynb #6cd60a89
+# %% ../../nbs/22_model.connector.ipynb #3c911939
 import re
 import torch
 from torch import nn
 
 from ..registry import Registry
 
-# %% ../../nbs/22_model.connector.ipynb #d06c7c3c
+# %% ../../nbs/22_model.connector.ipynb #50f6784e
 class Connector(nn.Module):
     "Image features [N, K, vision_hidden_size] -> LLM embeddings [N, K', hidden_size]."
     def __init__(self, config):
@@ -39,7 +40,7 @@ def build_connector(config) -> Connector:
     "The connector `config.connector_type` names, built from `config`."
     return connectors[connector_name(config.connector_type)](config)
 
-# %% ../../nbs/22_model.connector.ipynb #20c670d2
+# %% ../../nbs/22_model.connector.ipynb #d300758c
 @register_connector('identity')
 class IdentityConnector(Connector):
     "Pass the features through: the vision and LLM widths must be equal."
@@ -65,7 +66,7 @@ class MLPConnector(Connector):
         for _ in range(int(depth) - 1): layers += [ACTIVATIONS[act](), nn.Linear(config.hidden_size, config.hidden_size)]
         return nn.Sequential(*layers)
 
-# %% ../../nbs/22_model.connector.ipynb #ca57c3d2
+# %% ../../nbs/22_model.connector.ipynb #fbfb0169
 class PerceiverAttention(nn.Module):
     "Latents attend to [image tokens; latents] (8 heads of 64)."
     def __init__(self, dim: int, dim_head: int = 64, heads: int = 8):
@@ -105,19 +106,22 @@ class PerceiverResampler(nn.Module):
             latents = ff(latents) + latents
         return self.norm(latents)                                     # [N, Q, D]
 
-def _check_queries(config, name):
-    if not getattr(config, 'num_queries', None) or not getattr(config, 'num_resampler_layers', None):
-        raise ValueError(f"the {name} connector needs num_queries and num_resampler_layers in the config")
+class QueryConnector(Connector):
+    "A connector whose `num_queries` learned queries read the image: every image costs `num_queries` tokens."
+    module = None                       # the nn.Module class built from the config
 
-@register_connector('resampler')
-class ResamplerConnector(Connector):
     def build(self, config):
-        _check_queries(config, 'resampler')
+        if not getattr(config, 'num_queries', None) or not getattr(config, 'num_resampler_layers', None):
+            raise ValueError(f"the {config.connector_type} connector needs num_queries and num_resampler_layers in the config")
         self.queries = config.num_queries
-        return PerceiverResampler(config)
+        return self.module(config)
+
     def num_tokens(self, n_in): return self.queries
 
-# %% ../../nbs/22_model.connector.ipynb #71dcb77c
+@register_connector('resampler')
+class ResamplerConnector(QueryConnector): module = PerceiverResampler
+
+# %% ../../nbs/22_model.connector.ipynb #97a753c0
 class QFormer(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -134,14 +138,9 @@ class QFormer(nn.Module):
         return self.projector(self.blocks(queries, self.proj_in(x)))   # [N, Q, D]
 
 @register_connector('qformer')
-class QFormerConnector(Connector):
-    def build(self, config):
-        _check_queries(config, 'qformer')
-        self.queries = config.num_queries
-        return QFormer(config)
-    def num_tokens(self, n_in): return self.queries
+class QFormerConnector(QueryConnector): module = QFormer
 
-# %% ../../nbs/22_model.connector.ipynb #5589b85e
+# %% ../../nbs/22_model.connector.ipynb #1580314a
 class MoFMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
