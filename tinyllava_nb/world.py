@@ -6,7 +6,7 @@
 __all__ = ['COLOURS', 'SHAPES', 'NUMBERS', 'VQA_SUFFIX', 'CHANCE', 'Thing', 'random_scene', 'draw', 'caption', 'questions',
            'make_world']
 
-# %% ../nbs/60_world.ipynb #88b4e93a
+# %% ../nbs/60_world.ipynb #5951fc7a
 import json, random
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-# %% ../nbs/60_world.ipynb #fa025384
+# %% ../nbs/60_world.ipynb #9a3018c9
 COLOURS = dict(red=(215, 40, 40), green=(40, 165, 60), blue=(40, 80, 215), yellow=(235, 200, 30), purple=(140, 60, 185), orange=(240, 135, 25))
 SHAPES = ('circle', 'square', 'triangle', 'cross')
 NUMBERS = ('zero', 'one', 'two', 'three')
@@ -60,7 +60,7 @@ def draw(things: list, size: int = 48, rng: random.Random = None) -> Image.Image
             d.rectangle(((x0 + x1) / 2 - w / 2, y0, (x0 + x1) / 2 + w / 2, y1), fill=c)
     return img
 
-# %% ../nbs/60_world.ipynb #2a1dc8c0
+# %% ../nbs/60_world.ipynb #fc339f99
 def caption(things: list) -> str:
     "'A red circle and a blue square.'"
     names = [f'a {t.name}' for t in things]
@@ -86,7 +86,7 @@ def questions(things: list, rng: random.Random) -> list:
     out.append(('exist', f'Is there a {absent[1]} {absent[0]}?', 'No.'))
     return out
 
-# %% ../nbs/60_world.ipynb #3d0cb557
+# %% ../nbs/60_world.ipynb #5cd9f210
 VQA_SUFFIX = 'Answer the question using a single word or phrase.'
 
 def _pope_absent(things, kind, rng):
@@ -139,13 +139,11 @@ def make_world(output_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0
         for task in ('existence', 'color'):
             img.save(out / 'eval' / 'MME' / task / f'{i}.png')
             t = rng.choice(things)
-            if task == 'existence':
+            if task == 'existence':                 # another shape, absent: does the model see what is not there?
                 s, c = _pope_absent(things, 'adversarial', rng)
-                pair = [(f'Is there a {t.shape} in this image?', 'Yes'), (f'Is there a {c} {s} in this image?', 'No')]
-            else:
-                other = rng.choice([c for c in COLOURS if c != t.colour])
-                pair = [(f'Is the {t.shape} {t.colour}?', 'Yes'), (f'Is the {t.shape} {other}?', 'No')]
-            if len([x for x in things if x.shape == t.shape]) > 1: pair[0] = (f'Is there a {t.name} in this image?', 'Yes')
+            else:                                   # the same shape in another colour: does it see colours?
+                s, c = t.shape, rng.choice([c for c in COLOURS if (t.shape, c) not in {(x.shape, x.colour) for x in things}])
+            pair = [(f'Is there a {t.name} in this image?', 'Yes'), (f'Is there a {c} {s} in this image?', 'No')]
             (out / 'eval' / 'MME' / task / f'{i}.txt').write_text(''.join(f'{q} Please answer yes or no.\t{a}\n' for q, a in pair))
             mme_q += [dict(question_id=f'{task}/{i}.png', image=f'{task}/{i}.png', text=f'{q} Please answer yes or no.') for q, _ in pair]
     w = lambda p, rows: (out / p).write_text(''.join(json.dumps(r) + '\n' for r in rows))
@@ -158,5 +156,5 @@ def make_world(output_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0
                 vqa_gt=out / 'eval/vqa_gt.json', pope_questions=out / 'eval/pope_questions.jsonl', pope_dir=out / 'eval/pope',
                 mme_questions=out / 'eval/mme_questions.jsonl', mme_dir=out / 'eval/MME')
 
-# %% ../nbs/60_world.ipynb #8d316f39
+# %% ../nbs/60_world.ipynb #56ae88e7
 CHANCE = dict(colour=1 / len(COLOURS), shape=1 / len(SHAPES), count=1 / 3, position=1 / 2, exist=1 / 2)
