@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['benchmarks', 'SQA_SUFFIX', 'Benchmark', 'read_questions', 'run_benchmark']
 
-# %% ../../nbs/41_eval.run.ipynb #fee2a439
+# %% ../../nbs/41_eval.run.ipynb #e64bfa57
 import json, random, uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +17,7 @@ from ..registry import Registry
 from .score import mmmu_choice, read_answers
 from ..infer import conv_version_of, encode_question, generate_batch, generation_kwargs, image_preprocess_of
 
-# %% ../../nbs/41_eval.run.ipynb #703ffcc8
+# %% ../../nbs/41_eval.run.ipynb #010389c5
 @dataclass(frozen=True)
 class Benchmark:
     "How one benchmark's questions are read and answered."
@@ -32,7 +32,7 @@ benchmarks.register('sqa', Benchmark('sqa', 1024, full_prompt=True))
 benchmarks.register('mmmu', Benchmark('mmmu', 1024))
 SQA_SUFFIX = "Answer with the option's letter from the given choices directly."
 
-# %% ../../nbs/41_eval.run.ipynb #8894df8c
+# %% ../../nbs/41_eval.run.ipynb #055fb720
 def read_questions(name: str, question_file) -> list:
     "Questions as dicts: question_id, text (with the benchmark's instruction), image (or None), and MMMU's fields."
     layout, path = benchmarks[name].layout, Path(question_file)
@@ -47,7 +47,7 @@ def read_questions(name: str, question_file) -> list:
     return [dict(question_id=r['id'], text=r['prompt'], image=r.get('image'), question_type=r['question_type'],
                  all_choices=r.get('all_choices'), index2ans=r.get('index2ans')) for r in data]
 
-# %% ../../nbs/41_eval.run.ipynb #3f849895
+# %% ../../nbs/41_eval.run.ipynb #c86b8c0b
 def run_benchmark(name: str, model, tokenizer, image_processor,
                   question_file, image_folder, answers_file,
                   conv_mode: str = None, batch_size: int = 8, max_new_tokens: int = None,
@@ -56,8 +56,11 @@ def run_benchmark(name: str, model, tokenizer, image_processor,
     bench, conv = benchmarks[name], conv_mode or conv_version_of(model)
     questions = read_questions(name, question_file)
     answers_file = Path(answers_file); answers_file.parent.mkdir(parents=True, exist_ok=True)
-    done = {a['question_id'] for a in read_answers(answers_file)[0]} if answers_file.exists() else set()
-    todo = [q for q in questions if q['question_id'] not in done]
+    # MME gives both questions of an image the same question_id: then an answer is known by (id, prompt)
+    unique = len({q['question_id'] for q in questions}) == len(questions)
+    key = (lambda qid, text: qid) if unique else (lambda qid, text: (qid, text))
+    done = {key(a['question_id'], a.get('prompt')) for a in read_answers(answers_file)[0]} if answers_file.exists() else set()
+    todo = [q for q in questions if key(q['question_id'], q['text']) not in done]
     pre, rng = image_preprocess_of(model, image_processor), random.Random(42)
     gen = generation_kwargs(temperature, top_p, num_beams, max_new_tokens or bench.max_new_tokens)
     multi = lambda q: isinstance(q['image'], list) and len(q['image']) > 1
@@ -67,17 +70,15 @@ def run_benchmark(name: str, model, tokenizer, image_processor,
             asked = [q for q in batch if not multi(q)]
             encs = [encode_question(q['text'], tokenizer, conv, q['image'] is not None) for q in asked]
             pixels = [pre(_open(image_folder, q['image'])) if q['image'] is not None else None for q in asked]
-            texts = dict(zip([q['question_id'] for q in asked],
-                             generate_batch(model, tokenizer, [e['input_ids'] for e in encs], pixels, **gen) if asked else []))
-            prompts = {q['question_id']: e['prompt'] for q, e in zip(asked, encs)}
+            texts = iter(generate_batch(model, tokenizer, [e['input_ids'] for e in encs], pixels, **gen) if asked else [])
+            prompts = iter(e['prompt'] for e in encs)
             for q in batch:
-                text = texts.get(q['question_id'])
+                text, prompt = (None, q['text']) if multi(q) else (next(texts), next(prompts))
                 if q.get('question_type') == 'multiple-choice':
                     text = mmmu_choice(text, q['all_choices'], q['index2ans'], rng) if text is not None else rng.choice(q['all_choices'])
                 elif text is None: text = "INVALID GENERATION FOR MULTIPLE IMAGE INPUTS"
                 out.write(json.dumps(dict(question_id=q['question_id'], text=text, answer_id=uuid.uuid4().hex, model_id=model_id,
-                                          prompt=prompts.get(q['question_id'], q['text']) if bench.full_prompt else q['text'],
-                                          metadata={})) + '\n')
+                                          prompt=prompt if bench.full_prompt else q['text'], metadata={})) + '\n')
             out.flush()
     return dict(benchmark=name, questions=len(questions), answered=len(todo), already_answered=len(questions) - len(todo),
                 answers_file=str(answers_file))
