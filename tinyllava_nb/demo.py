@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['BUDGETS', 'Budget', 'check_demo_args', 'demo', 'format_metrics', 'plot_losses', 'plot_predictions']
 
-# %% ../nbs/61_demo.ipynb #c0c15fee
+# %% ../nbs/61_demo.ipynb #6bb1f714
 import json, time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +19,7 @@ from .toy import toy_tokenizers, toy_vision
 from .train.run import main as train_main
 from .world import CHANCE, make_world
 
-# %% ../nbs/61_demo.ipynb #7a204463
+# %% ../nbs/61_demo.ipynb #d6bec44b
 @dataclass
 class Budget:
     "How much world and training the demo spends."
@@ -37,7 +37,7 @@ class Budget:
 
 BUDGETS = dict(default=Budget(), fast=Budget(n_train=1000, n_eval=100, pretrain_steps=50, finetune_steps=500))
 
-# %% ../nbs/61_demo.ipynb #cff40544
+# %% ../nbs/61_demo.ipynb #916310aa
 def check_demo_args(output_dir, llm: str, vision: str, connector: str, overwrite: bool):
     "Raise a clear error for an unknown part or an output directory with results in it."
     toy_tokenizers[llm]                       # unknown names list the registered ones
@@ -47,7 +47,7 @@ def check_demo_args(output_dir, llm: str, vision: str, connector: str, overwrite
     if (Path(output_dir) / 'metrics.json').exists() and not overwrite:
         raise ValueError(f"{output_dir} already holds demo results (metrics.json): pass --overwrite to replace them, or choose another --output-dir")
 
-# %% ../nbs/61_demo.ipynb #fc91c225
+# %% ../nbs/61_demo.ipynb #a9f4b93f
 def _stage(name, init, data, conv, steps, out, world, b: Budget, seed: int):
     args = ['--pretrained_model_path', str(init), '--data_path', str(data), '--image_folder', str(world), '--conv_version', conv,
             '--tune_type_llm', 'full', '--tune_type_vision_tower', 'full', '--tune_type_connector', 'full',
@@ -95,7 +95,7 @@ def demo(output_dir='runs/demo', llm: str = 'phi', vision: str = 'siglip', conne
           f"(try: tinyllava-nb chat --model-path {out / 'model'} --image-file {out / 'world' / 'images' / 'eval_0.png'})")
     return metrics
 
-# %% ../nbs/61_demo.ipynb #d7662126
+# %% ../nbs/61_demo.ipynb #11b5d35c
 def format_metrics(m: dict) -> str:
     "The demo's table."
     lines = [f"{'question type':14} {'accuracy':>9} {'chance':>7}"]
@@ -108,7 +108,7 @@ def format_metrics(m: dict) -> str:
     lines += ['', 'seconds: ' + ', '.join(f"{k} {v:.0f}" for k, v in m['seconds'].items())]
     return '\n'.join(lines)
 
-# %% ../nbs/61_demo.ipynb #100c57f5
+# %% ../nbs/61_demo.ipynb #ec5f1d4c
 def plot_losses(out):
     "Both stages' loss curves, from the trainer states."
     import matplotlib.pyplot as plt
