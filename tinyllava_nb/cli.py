@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['commands', 'EXAMPLE', 'SCORE_ARGS', 'CONVERT_ARGS', 'Command', 'main', 'load_tokenizer']
 
-# %% ../nbs/90_cli.ipynb #095234eb
+# %% ../nbs/90_cli.ipynb #55364ad5
 import argparse, json, os, sys
 from pathlib import Path
 from dataclasses import dataclass
@@ -14,7 +14,7 @@ from typing import Callable
 from .registry import Registry, UnknownNameError
 from .data.template import SampleError
 
-# %% ../nbs/90_cli.ipynb #a985e968
+# %% ../nbs/90_cli.ipynb #3b5ec53e
 @dataclass
 class Command:
     "A `tinyllava-nb` subcommand."
@@ -41,7 +41,7 @@ def main(argv: list = None) -> int:
         print(f"tinyllava-nb {name}: error: {e}\n(set TINYLLAVA_NB_TRACEBACK=1 to see the traceback)", file=sys.stderr)
         return 2
 
-# %% ../nbs/90_cli.ipynb #28bea70d
+# %% ../nbs/90_cli.ipynb #630db0f7
 def load_tokenizer(spec: str):
     "A tokenizer from `toy:FAMILY` (offline toy) or a local path / hub name."
     if spec.startswith('toy:'):
@@ -51,7 +51,7 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(spec)
 
-# %% ../nbs/90_cli.ipynb #d9457878
+# %% ../nbs/90_cli.ipynb #c7ecb835
 EXAMPLE = [{'from': 'human', 'value': '<image>\nWhat colour is the circle?'}, {'from': 'gpt', 'value': 'Red.'},
            {'from': 'human', 'value': 'And the square?'}, {'from': 'gpt', 'value': 'Blue.'}]
 
@@ -75,7 +75,7 @@ def _labels_run(args):
 _ = commands.register('labels', Command("show how a conversation is tokenized and which tokens are trained",
                                     _labels_args, _labels_run))
 
-# %% ../nbs/90_cli.ipynb #c38f719e
+# %% ../nbs/90_cli.ipynb #17de6018
 def _train_run(argv):
     from tinyllava_nb.train.run import main as train_main
     trainer = train_main(argv)
@@ -105,7 +105,7 @@ for _name, _cmd in {
     'toy-data': Command("write the toy data set (coloured shapes) the toy configs use", _toy_data_args, _toy_data_run),
 }.items(): commands.register(_name, _cmd)
 
-# %% ../nbs/90_cli.ipynb #c763813d
+# %% ../nbs/90_cli.ipynb #8f8bf79a
 def _model_args(p):
     p.add_argument('--model-path', required=True, help="a TinyLLaVA directory (ours, TinyLLaVA Factory's, a LoRA run)")
     p.add_argument('--conv-mode', default=None, help="chat template (default: the model's)")
@@ -118,12 +118,17 @@ def _chat_args(p):
     _model_args(p)
     p.add_argument('--image-file', default=None, help="an image (none: text only)")
     p.add_argument('--prompt', default=None, help="ask this and exit (default: a conversation)")
+    p.add_argument('--gradio', action='store_true', help="serve a browser chat instead (needs the gradio extra)")
+    p.add_argument('--port', type=int, default=7860)
 
 def _chat_run(args):
     from transformers import TextStreamer
     from tinyllava_nb.model.tinyllava import load_pretrained
     from tinyllava_nb.infer import chat
     model, tok, proc = load_pretrained(args.model_path)
+    if args.gradio:
+        from tinyllava_nb.infer import gradio_app
+        gradio_app(model, tok, proc, args.conv_mode, args.max_new_tokens or 512).launch(server_port=args.port); return
     kw = dict(conv_version=args.conv_mode, temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams,
               max_new_tokens=args.max_new_tokens or 512, streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
     if args.prompt is not None: chat(model, tok, proc, args.image_file, args.prompt, **kw); return
@@ -188,7 +193,7 @@ for _name, _cmd in {
     'convert': Command("write VQAv2's EvalAI upload or MM-Vet's grader input", _bench_args(CONVERT_ARGS), _bench_run(CONVERT_ARGS)),
 }.items(): commands.register(_name, _cmd)
 
-# %% ../nbs/90_cli.ipynb #08ef9db3
+# %% ../nbs/90_cli.ipynb #dd41cb85
 def _demo_args(p):
     p.add_argument('--output-dir', default='runs/demo')
     p.add_argument('--llm', default='phi', help="toy LLM family: phi, llama, qwen2, gemma, stablelm")

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['conv_version_of', 'encode_question', 'image_preprocess_of', 'generation_kwargs', 'generate_batch', 'chat',
-           'ChatWidget']
+           'chat_turn', 'ChatWidget', 'gradio_app']
 
-# %% ../nbs/40_infer.ipynb #b6178a6b
+# %% ../nbs/40_infer.ipynb #10d175f6
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ from .data.image import ImagePreprocess
 from .data.template import DEFAULT_IMAGE_TOKEN, TemplateFactory
 from .model.llm import llm_family
 
-# %% ../nbs/40_infer.ipynb #30b0ee0e
+# %% ../nbs/40_infer.ipynb #dee663d9
 def conv_version_of(model) -> str:
     "The chat template a model uses: its config's `conv_version`, else its LLM family's default."
     return getattr(model.config, 'conv_version', None) or llm_family(model.config.text_config).template
@@ -32,7 +32,7 @@ def image_preprocess_of(model, image_processor, image_aspect_ratio: str = None) 
     return ImagePreprocess(image_processor, image_aspect_ratio or getattr(model.config, 'image_aspect_ratio', 'square') or 'square',
                            getattr(model.config, 'image_grid_pinpoints', None))
 
-# %% ../nbs/40_infer.ipynb #f45f9cfc
+# %% ../nbs/40_infer.ipynb #c8a84a7b
 def generation_kwargs(temperature: float = 0.0, top_p: float = None, num_beams: int = 1, max_new_tokens: int = 128) -> dict:
     "`generate` arguments: greedy when temperature is 0 (LLaVA's convention)."
     kw = dict(do_sample=temperature > 0, num_beams=num_beams, max_new_tokens=max_new_tokens)
@@ -53,7 +53,7 @@ def generate_batch(model, tokenizer, prompts: list, images: list, streamer=None,
                          pad_token_id=pad, streamer=streamer, **gen)
     return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
-# %% ../nbs/40_infer.ipynb #c207082b
+# %% ../nbs/40_infer.ipynb #1f67bb12
 def chat(model, tokenizer, image_processor, image=None,   # a PIL image, a path, or None
          prompt: str = 'Describe the image.', conv_version: str = None, history: list = (),
          temperature: float = 0.0, top_p: float = None, num_beams: int = 1, max_new_tokens: int = 128, streamer=None) -> str:
@@ -65,7 +65,15 @@ def chat(model, tokenizer, image_processor, image=None,   # a PIL image, a path,
     return generate_batch(model, tokenizer, [enc['input_ids']], [pixels], streamer=streamer,
                           **generation_kwargs(temperature, top_p, num_beams, max_new_tokens))[0]
 
-# %% ../nbs/40_infer.ipynb #d57767aa
+# %% ../nbs/40_infer.ipynb #e5d468df
+def chat_turn(model, tokenizer, image_processor, image, question: str, history: list = (), conv_version: str = None,
+              max_new_tokens: int = 128) -> tuple:
+    "(answer, history + this turn) for the next question of a conversation about `image` (or none)."
+    answer = chat(model, tokenizer, image_processor, image, question, conv_version, list(history), max_new_tokens=max_new_tokens)
+    first = image is not None and not history
+    return answer, list(history) + [(DEFAULT_IMAGE_TOKEN + '\n' + question if first else question, answer)]
+
+# %% ../nbs/40_infer.ipynb #53807c48
 import io, html
 
 class ChatWidget:
@@ -95,10 +103,8 @@ class ChatWidget:
     def ask(self, question: str) -> str:
         "Ask a question (about the current image, after the earlier turns); returns the answer."
         if not question.strip(): return ''
-        answer = chat(self.model, self.tok, self.proc, self.image, question, self.conv_version, self.history,
-                      max_new_tokens=self.max_new_tokens)
-        first = self.image is not None and not self.history
-        self.history.append((DEFAULT_IMAGE_TOKEN + '\n' + question if first else question, answer))
+        answer, self.history = chat_turn(self.model, self.tok, self.proc, self.image, question, self.history,
+                                         self.conv_version, self.max_new_tokens)
         self.log.value += f'<p><b>You:</b> {html.escape(question)}<br><b>Model:</b> {html.escape(answer)}</p>'
         self.question.value = ''
         return answer
@@ -106,3 +112,28 @@ class ChatWidget:
     def _ipython_display_(self):
         from IPython.display import display
         display(self.widget)
+
+# %% ../nbs/40_infer.ipynb #32072d00
+def gradio_app(model, tokenizer, image_processor, conv_version: str = None, max_new_tokens: int = 128):
+    "A Gradio Blocks app to chat with the model about an uploaded image (call `.launch()` on it)."
+    import gradio as gr
+
+    def respond(image, message, history):
+        if not message.strip(): return gr.update(), history, ''
+        _, history = chat_turn(model, tokenizer, image_processor, image, message, history, conv_version, max_new_tokens)
+        shown = [m for q, a in history for m in ({'role': 'user', 'content': q.replace(DEFAULT_IMAGE_TOKEN + '\n', '')},
+                                                 {'role': 'assistant', 'content': a})]
+        return shown, history, ''
+
+    with gr.Blocks(title='TinyLLaVA') as app:
+        gr.Markdown('### TinyLLaVA: upload an image and ask about it')
+        with gr.Row():
+            image = gr.Image(type='pil', label='image')
+            with gr.Column():
+                chatbot = gr.Chatbot(label='conversation')
+                box = gr.Textbox(label='question', placeholder='What colour is the shape?')
+        history = gr.State([])
+        box.submit(respond, [image, box, history], [chatbot, history, box])
+        image.change(lambda: ([], []), None, [chatbot, history])
+    app.respond = respond           # the turn handler, for scripts and tests
+    return app
