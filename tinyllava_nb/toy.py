@@ -9,7 +9,7 @@ __all__ = ['TOY_TEXT', 'toy_tokenizers', 'toy_llm_configs', 'toy_vision', 'TOY_C
 
 # %% ../nbs/01_toy.ipynb #1e73cead
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import transformers

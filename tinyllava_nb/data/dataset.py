@@ -7,7 +7,7 @@ __all__ = ['load_samples', 'sample_images', 'truncate', 'LazySupervisedDataset',
            'length_grouped_indices', 'LengthGroupedSampler']
 
 # %% ../../nbs/12_data.dataset.ipynb #f41b0f17
-import json, math, os
+import json, math
 from collections import Counter
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from .template import (DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX, SampleError,
-                                        Template, TemplateFactory, split_turns)
+                                        TemplateFactory, split_turns)
 
 # %% ../../nbs/12_data.dataset.ipynb #b6035c3e
 def load_samples(path) -> list:

@@ -7,14 +7,14 @@ __all__ = ['TinyLlavaConfig', 'merge_image_features', 'TinyLlavaPreTrainedModel'
            'toy_tinyllava', 'save_pretrained_all', 'load_stage_folders', 'load_pretrained']
 
 # %% ../../nbs/23_model.tinyllava.ipynb #e53fa2ba
-import json, os
+import json
 from pathlib import Path
 
 import torch
 from fastcore.basics import patch
 from torch import nn
 import transformers
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoImageProcessor, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..data.template import IGNORE_INDEX, IMAGE_TOKEN_INDEX

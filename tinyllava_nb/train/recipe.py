@@ -10,7 +10,6 @@ __all__ = ['TUNE_TYPES', 'COMPONENTS', 'Recipe', 'lora_targets', 'apply_recipe',
 import importlib.util, re
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 # %% ../../nbs/30_train.recipe.ipynb #1d9866ed

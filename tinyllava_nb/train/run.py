@@ -7,7 +7,7 @@ __all__ = ['MODEL_FILES', 'ModelArguments', 'DataArguments', 'parse_args', 'chec
            'LossPrinter', 'train', 'main']
 
 # %% ../../nbs/32_train.run.ipynb #88de1d69
-import json, os, sys
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -8,7 +8,6 @@ __all__ = ['TrainingArguments', 'param_groups', 'TinyLlavaTrainer']
 # %% ../../nbs/31_train.trainer.ipynb #2e7e59eb
 from dataclasses import dataclass, field
 
-import torch
 import transformers
 from transformers import Trainer
 
