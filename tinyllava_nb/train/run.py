@@ -208,7 +208,8 @@ def train(m: ModelArguments, d: DataArguments, t: TrainingArguments, callbacks: 
                                processing_class=tok, callbacks=callbacks)
     if t.disable_tqdm: trainer.remove_callback(PrinterCallback); trainer.add_callback(LossPrinter)
     trainer.train(resume_from_checkpoint=resume)
-    save_run(trainer, tok, proc, base_dir or t.pretrained_model_path if recipe.uses_lora() else None)
+    lora_base = (base_dir or t.pretrained_model_path) if recipe.uses_lora() else None   # the model a LoRA adapter applies to
+    save_run(trainer, tok, proc, lora_base)
     return trainer
 
 def main(argv: list = None):
