@@ -121,3 +121,27 @@ def test_image_count_mismatch_is_clear():
 def test_unknown_parts_are_clear():
     with pytest.raises(KeyError, match="registered: identity, linear, mlp, mof_mlp, qformer, resampler"):
         toy_tinyllava(connector='mlp2x_swish')
+
+@pytest.mark.parametrize('llm', FAMILIES)
+def test_packed_batch_equals_separate_samples(llm):
+    "Packing (one row, restarting positions, no mask): per-sample losses and gradients equal the padded batch's."
+    from tinyllava_nb.data.dataset import DataCollatorForSupervisedDataset
+    model, tok, _ = toy_tinyllava(llm, 'clip', 'mlp2x_gelu')
+    size = model.config.vision_config.image_size
+    rng, samples = random.Random(0), []
+    for n in (1, 0, 2, 0, 1):                                   # image counts; text lengths vary
+        ids = [5] + sum(([I, 7] for _ in range(n)), []) + [rng.randrange(10, 60) for _ in range(rng.randint(2, 40))] + [tok.eos_token_id]
+        labels = [IGNORE_INDEX if t == I or i < len(ids) // 2 else t for i, t in enumerate(ids)]
+        samples.append(dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels),
+                            images=torch.randn(n, 3, size, size) if n else None))
+    grads = []
+    for packing in (False, True):
+        model.zero_grad()
+        batch = DataCollatorForSupervisedDataset(tok, packing=packing)(samples)
+        loss = model(**batch).loss; loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (lp, gp), (lk, gk) = grads
+    torch.testing.assert_close(lk, lp, atol=1e-5, rtol=1e-5)
+    for a, b in zip(gp, gk): torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match='first token'):
+        DataCollatorForSupervisedDataset(tok, packing=True)([dict(input_ids=torch.tensor([5, 6]), labels=torch.tensor([5, 6]))])

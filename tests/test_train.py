@@ -127,6 +127,13 @@ def test_resume_matches_uninterrupted_run(data, tmp_path):
     assert len(a) == 8 and len(b) == 8
     torch.testing.assert_close(torch.tensor(b[4:]), torch.tensor(a[4:]), rtol=1e-5, atol=1e-6)
 
+def test_packing_trains_like_padding(data, tmp_path):
+    base = ['--data_path', str(data['finetune']), '--conv_version', 'phi', '--tune_type_llm', 'full', '--learning_rate', '3e-3',
+            '--max_steps', '6', '--seed', '3', '--image_folder', str(data['image_folder'])] + QUIET
+    train(*parse_args(base + ['--output_dir', str(tmp_path / 'pad')]))
+    train(*parse_args(base + ['--output_dir', str(tmp_path / 'pack'), '--packing', 'true']))
+    torch.testing.assert_close(torch.tensor(losses(tmp_path / 'pack')), torch.tensor(losses(tmp_path / 'pad')), rtol=1e-4, atol=1e-5)
+
 def test_partial_llm_trains_exactly_last_layers():
     from tinyllava_nb.model.tinyllava import toy_tinyllava
     from tinyllava_nb.train.recipe import Recipe, apply_recipe

@@ -6,7 +6,7 @@
 __all__ = ['load_samples', 'sample_images', 'truncate', 'LazySupervisedDataset', 'DataCollatorForSupervisedDataset',
            'length_grouped_indices', 'LengthGroupedSampler']
 
-# %% ../../nbs/12_data.dataset.ipynb #f41b0f17
+# %% ../../nbs/12_data.dataset.ipynb #42ad3cd1
 import json, math
 from collections import Counter
 from pathlib import Path
@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Sampler
 from .template import (DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX, SampleError,
                                         TemplateFactory, split_turns)
 
-# %% ../../nbs/12_data.dataset.ipynb #b6035c3e
+# %% ../../nbs/12_data.dataset.ipynb #f4bd3c26
 def load_samples(path) -> list:
     "The samples of a LLaVA JSON list or JSON-lines file."
     path = Path(path)
@@ -36,7 +36,7 @@ def sample_images(sample: dict) -> list:
     img = sample.get('image')
     return [] if img is None else [img] if isinstance(img, str) else list(img)
 
-# %% ../../nbs/12_data.dataset.ipynb #ab819327
+# %% ../../nbs/12_data.dataset.ipynb #ce49730f
 def truncate(input_ids: torch.Tensor, labels: torch.Tensor,
              max_length: int,            # the model's context, counting each image as `num_image_tokens`
              num_image_tokens: int = 1,  # embeddings one image becomes in the model
@@ -50,7 +50,7 @@ def truncate(input_ids: torch.Tensor, labels: torch.Tensor,
                           f"model_max_length={max_length}, and nothing trained is left after truncation")
     return ids, labels, int((ids == IMAGE_TOKEN_INDEX).sum())
 
-# %% ../../nbs/12_data.dataset.ipynb #3baaca5a
+# %% ../../nbs/12_data.dataset.ipynb #91a9e453
 class LazySupervisedDataset(Dataset):
     "LLaVA-format samples -> dicts of `input_ids`, `labels`, `images` [n, 3, H, W] (n may be 0)."
     def __init__(self, data_path,                 # LLaVA JSON list or JSON-lines file
@@ -116,7 +116,7 @@ class LazySupervisedDataset(Dataset):
         try: return self._load(s)
         except SampleError as e: raise SampleError(e.kind, f"sample {s['_name']!r} in {self.path.name}: {e}") from None
 
-# %% ../../nbs/12_data.dataset.ipynb #caba7be5
+# %% ../../nbs/12_data.dataset.ipynb #ddea8810
 def _lengths(self: LazySupervisedDataset) -> list:
     "Tokens of each sample as the model sees it (each image counted as `num_image_tokens`)."
     if getattr(self, '_lengths_cache', None) is None:
@@ -130,17 +130,20 @@ LazySupervisedDataset.lengths = property(_lengths)
 LazySupervisedDataset.modality_lengths = property(
     lambda self: [l if sample_images(s) else -l for l, s in zip(self.lengths, self.samples)])
 
-# %% ../../nbs/12_data.dataset.ipynb #d0f0f61c
+# %% ../../nbs/12_data.dataset.ipynb #a2d341f7
 class DataCollatorForSupervisedDataset:
-    "Pad samples into a batch: input_ids, labels, attention_mask, images."
-    def __init__(self, tokenizer, pad_to_multiple_of: int = None):
+    "Pad samples into a batch: input_ids, labels, attention_mask, images (or pack them into one row: `packing=True`)."
+    def __init__(self, tokenizer, pad_to_multiple_of: int = None, packing: bool = False):
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: set one (the LLM family's post-load rule does, "
                              "e.g. tokenizer.pad_token = tokenizer.unk_token)")
         self.pad_id, self.left = tokenizer.pad_token_id, tokenizer.padding_side == 'left'
-        self.multiple = pad_to_multiple_of
+        self.multiple, self.packing = pad_to_multiple_of, packing
 
     def __call__(self, instances: list) -> dict:
+        images = [x['images'] for x in instances if x.get('images') is not None]
+        images = torch.cat(images) if images else None
+        if self.packing: return self.pack(instances) | dict(images=images)
         n = max(len(x['input_ids']) for x in instances)
         if self.multiple: n = math.ceil(n / self.multiple) * self.multiple
         ids = torch.full((len(instances), n), self.pad_id, dtype=torch.long)
@@ -150,12 +153,17 @@ class DataCollatorForSupervisedDataset:
             k = len(x['input_ids'])
             cols = slice(n - k, n) if self.left else slice(0, k)
             ids[row, cols], labels[row, cols], mask[row, cols] = x['input_ids'], x['labels'], 1
-        images = [x['images'] for x in instances if x.get('images') is not None]
-        batch = dict(input_ids=ids, labels=labels, attention_mask=mask)
-        batch['images'] = torch.cat(images) if images else None
-        return batch
+        return dict(input_ids=ids, labels=labels, attention_mask=mask, images=images)
 
-# %% ../../nbs/12_data.dataset.ipynb #103f7093
+    def pack(self, instances: list) -> dict:
+        "One row [1, sum of lengths], no padding: position ids restart at 0 for each sample, no attention mask."
+        for x in instances:
+            if x['labels'][0] != IGNORE_INDEX: raise ValueError("a packed sample must not train its first token")
+        cat = lambda key: torch.cat([torch.as_tensor(x[key]) for x in instances])[None]
+        positions = torch.cat([torch.arange(len(x['input_ids'])) for x in instances])[None]
+        return dict(input_ids=cat('input_ids'), labels=cat('labels'), position_ids=positions)
+
+# %% ../../nbs/12_data.dataset.ipynb #356a2c6c
 def _sorted_batches(indices: list, lengths: list, step: int, mult: int) -> list:
     "Global batches of `step` indices of similar length: sort within megabatches of `mult` batches."
     out = []

@@ -6,7 +6,7 @@
 __all__ = ['TinyLlavaConfig', 'merge_image_features', 'TinyLlavaPreTrainedModel', 'TinyLlavaForConditionalGeneration',
            'toy_tinyllava', 'save_pretrained_all', 'load_stage_folders', 'load_pretrained']
 
-# %% ../../nbs/23_model.tinyllava.ipynb #e53fa2ba
+# %% ../../nbs/23_model.tinyllava.ipynb #60d87be9
 import json
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from .llm import llm_family, load_tokenizer
 from .vision import split_vision_path, vision_config_of, vision_tower_name, vision_towers
 from .connector import build_connector
 
-# %% ../../nbs/23_model.tinyllava.ipynb #127d5316
+# %% ../../nbs/23_model.tinyllava.ipynb #a9ee4620
 def _sub_config(data, name_or_path: str, vision: bool = False):
     "A config from stored data (a dict with `model_type`, or a config), else read from a directory / hub name."
     if isinstance(data, PretrainedConfig): return data
@@ -31,7 +31,7 @@ def _sub_config(data, name_or_path: str, vision: bool = False):
     cfg = vision_config_of(name_or_path) if vision else AutoConfig.from_pretrained(name_or_path, trust_remote_code=True)
     return cfg.__class__.from_dict({**cfg.to_dict(), **(data or {})}) if data else cfg
 
-# %% ../../nbs/23_model.tinyllava.ipynb #9db0c394
+# %% ../../nbs/23_model.tinyllava.ipynb #0cf7f4e3
 class TinyLlavaConfig(PretrainedConfig):
     "A TinyLLaVA model: LLM, vision tower and connector, with their configs as data."
     model_type = "tinyllava"
@@ -78,7 +78,7 @@ class TinyLlavaConfig(PretrainedConfig):
         "The registered vision tower these configs describe."
         return vision_tower_name(self.vision_model_name_or_path, self.vision_config)
 
-# %% ../../nbs/23_model.tinyllava.ipynb #d8beb97c
+# %% ../../nbs/23_model.tinyllava.ipynb #1792dc90
 def merge_image_features(input_ids: torch.Tensor,        # [B, T], -200 at image slots
                          attention_mask: torch.Tensor,   # [B, T] or None; left or right padding
                          labels: torch.Tensor,           # [B, T] or None
@@ -86,9 +86,11 @@ def merge_image_features(input_ids: torch.Tensor,        # [B, T], -200 at image
                          sizes: torch.Tensor,            # [N]: K'_i, the number of vectors of image i
                          embed_tokens: nn.Module,        # the LLM's input embedding
                          max_length: int = None,         # cut merged rows to this length (right padding only)
+                         position_ids: torch.Tensor = None,  # packed rows (no attention_mask): 0 where each sample starts
                         ) -> tuple:
     "(inputs_embeds [B, T', D], attention_mask, position_ids, labels) with each image's vectors at its -200 slot."
     B, T = input_ids.shape
+    restarts = position_ids == 0 if attention_mask is None and position_ids is not None else None   # packed rows
     mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
     is_img = (input_ids == IMAGE_TOKEN_INDEX) & mask
     if int(is_img.sum()) != len(sizes):
@@ -114,13 +116,21 @@ def merge_image_features(input_ids: torch.Tensor,        # [B, T], -200 at image
     if labels is not None:
         new_labels = labels.new_full((B, width), IGNORE_INDEX)
         new_labels[text_b, starts[text_b, text_t]] = labels[text_b, text_t]
+    if restarts is not None:                    # positions restart where each sample (or the fill after the row) starts
+        first = torch.zeros(B, width + 1, dtype=torch.bool, device=cols.device)
+        sb, st = restarts.nonzero(as_tuple=True)
+        first[sb, starts[sb, st]] = True
+        first[torch.arange(B, device=cols.device), lengths] = True
+        first = first[:, :width]
+        position_ids = cols - torch.where(first, cols, 0).cummax(1).values
+        return embeds, None, position_ids, new_labels     # no mask: the LLM builds a block-diagonal causal mask
     if max_length and width > max_length:
         if left: raise ValueError(f"merged sequence of {width} tokens exceeds {max_length} with left padding")
         embeds, new_mask, position_ids = embeds[:, :max_length], new_mask[:, :max_length], position_ids[:, :max_length]
         new_labels = new_labels[:, :max_length] if new_labels is not None else None
     return embeds, new_mask.long(), position_ids, new_labels
 
-# %% ../../nbs/23_model.tinyllava.ipynb #84164cf6
+# %% ../../nbs/23_model.tinyllava.ipynb #d4dd15cd
 class TinyLlavaPreTrainedModel(PreTrainedModel):
     config_class = TinyLlavaConfig
     base_model_prefix = ""
@@ -149,7 +159,7 @@ class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel, GenerationMixi
         "Vectors one (non-anyres) image becomes in the LLM."
         return self.connector.num_tokens(self.vision_tower.num_tokens(self.config.vision_feature_select_strategy))
 
-# %% ../../nbs/23_model.tinyllava.ipynb #277cd73d
+# %% ../../nbs/23_model.tinyllava.ipynb #7e9e20f7
 @patch
 def encode_images(self: TinyLlavaForConditionalGeneration, images) -> tuple:
     "(features [sum K'_i, D], sizes [N]) for images [N, 3, H, W], [N, 1+t, 3, H, W] or a list of per-image tensors."
@@ -163,9 +173,10 @@ def encode_images(self: TinyLlavaForConditionalGeneration, images) -> tuple:
     sizes = (tiles * feats.shape[1]).to(feats.device)
     return feats.flatten(0, 1), sizes
 
-# %% ../../nbs/23_model.tinyllava.ipynb #a90ec3bc
+# %% ../../nbs/23_model.tinyllava.ipynb #b94fda12
 @patch
-def prepare_inputs(self: TinyLlavaForConditionalGeneration, input_ids, attention_mask=None, labels=None, images=None) -> dict:
+def prepare_inputs(self: TinyLlavaForConditionalGeneration, input_ids, attention_mask=None, labels=None, images=None,
+                   position_ids=None) -> dict:
     "LLM inputs: `inputs_embeds` with the images merged in, `attention_mask`, `position_ids`, `labels`."
     has_slots = bool((input_ids == IMAGE_TOKEN_INDEX).any())
     if images is None or (isinstance(images, (list, tuple)) and not images):
@@ -174,7 +185,7 @@ def prepare_inputs(self: TinyLlavaForConditionalGeneration, input_ids, attention
         return dict(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
     feats, sizes = self.encode_images(images)
     embeds, mask, pos, labels = merge_image_features(input_ids, attention_mask, labels, feats, sizes, self.get_input_embeddings(),
-                                                     self.config.tokenizer_model_max_length)
+                                                     self.config.tokenizer_model_max_length, position_ids)
     return dict(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, labels=labels)
 
 @patch
@@ -182,10 +193,11 @@ def forward(self: TinyLlavaForConditionalGeneration, input_ids=None, attention_m
             inputs_embeds=None, labels=None, images=None, **kwargs) -> CausalLMOutputWithPast:
     "The LLM's forward on the merged sequence; `labels` give the loss (image positions are never trained)."
     if inputs_embeds is None:
-        inputs = self.prepare_inputs(input_ids, attention_mask, labels, images)
+        inputs = self.prepare_inputs(input_ids, attention_mask, labels, images, position_ids)
         position_ids = inputs.pop('position_ids', position_ids)
     else:
         inputs = dict(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels)
+    if inputs['attention_mask'] is None and position_ids is not None: kwargs['use_cache'] = False   # packed: see below
     kwargs.setdefault('use_cache', self.config.use_cache)
     return self.language_model(**inputs, position_ids=position_ids, **kwargs)
 
@@ -198,7 +210,7 @@ def generate(self: TinyLlavaForConditionalGeneration, input_ids=None, images=Non
     kwargs.setdefault('pad_token_id', self.config.pad_token_id)
     return self.language_model.generate(**inputs, **kwargs)
 
-# %% ../../nbs/23_model.tinyllava.ipynb #248f716b
+# %% ../../nbs/23_model.tinyllava.ipynb #e745e1be
 def toy_tinyllava(llm: str = 'phi', vision: str = 'siglip', connector: str = 'mlp2x_gelu', image_size: int = 32,
                   vision_hidden_size: int = 32, seed: int = 0, hidden_size: int = 64, num_hidden_layers: int = 2,
                   vision_layers: int = 2, patch_size: int = 8, **kwargs) -> tuple:
@@ -219,7 +231,7 @@ def toy_tinyllava(llm: str = 'phi', vision: str = 'siglip', connector: str = 'ml
     model.vision_tower.image_processor = toy_image_processor('clip' if vision == 'mof' else vision, image_size)
     return model, tok, model.vision_tower.image_processor
 
-# %% ../../nbs/23_model.tinyllava.ipynb #c904d8e4
+# %% ../../nbs/23_model.tinyllava.ipynb #ddf9b923
 transformers.AutoConfig.register("tinyllava", TinyLlavaConfig, exist_ok=True)
 transformers.AutoModelForCausalLM.register(TinyLlavaConfig, TinyLlavaForConditionalGeneration, exist_ok=True)
 
@@ -229,7 +241,7 @@ def save_pretrained_all(model, tokenizer, image_processor, path) -> Path:
     if image_processor is not None: image_processor.save_pretrained(path)
     return Path(path)
 
-# %% ../../nbs/23_model.tinyllava.ipynb #44a870df
+# %% ../../nbs/23_model.tinyllava.ipynb #f7e1e95d
 def _load_bin(path) -> dict: return torch.load(path, map_location='cpu', weights_only=True)
 
 def load_stage_folders(model: TinyLlavaForConditionalGeneration, path) -> TinyLlavaForConditionalGeneration:

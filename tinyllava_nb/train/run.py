@@ -6,7 +6,7 @@
 __all__ = ['MODEL_FILES', 'ModelArguments', 'DataArguments', 'parse_args', 'check_args', 'build_model', 'save_run', 'merge_lora',
            'LossPrinter', 'train', 'main']
 
-# %% ../../nbs/32_train.run.ipynb #88de1d69
+# %% ../../nbs/32_train.run.ipynb #e07d8696
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +27,7 @@ from ..model.vision import split_vision_path, vision_config_of, vision_towers
 from .recipe import Recipe, apply_recipe, format_table
 from .trainer import TinyLlavaTrainer, TrainingArguments
 
-# %% ../../nbs/32_train.run.ipynb #f1eaa008
+# %% ../../nbs/32_train.run.ipynb #8202413b
 @dataclass
 class ModelArguments:
     "Which parts (TinyLLaVA Factory's names). A part is a hub name, a directory, or `toy:NAME` (random, offline)."
@@ -55,7 +55,7 @@ class DataArguments:
     skip_bad_samples: bool = field(default=False, metadata={'help': 'leave bad samples out (counted) instead of failing'})
     full_check: bool = field(default=False, metadata={'help': 'decode every image and encode every sample before training'})
 
-# %% ../../nbs/32_train.run.ipynb #6ff4cd2a
+# %% ../../nbs/32_train.run.ipynb #288eefb2
 def _yaml_to_argv(path) -> list:
     "A YAML mapping as command-line flags."
     data = yaml.safe_load(Path(path).read_text()) or {}
@@ -73,7 +73,7 @@ def parse_args(argv: list = None) -> tuple:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     return parser.parse_args_into_dataclasses(args=argv)
 
-# %% ../../nbs/32_train.run.ipynb #d71c7d26
+# %% ../../nbs/32_train.run.ipynb #54d4107f
 def _toy_or(spec: str):
     "'phi' for 'toy:phi', else None."
     return spec[4:] if spec and spec.startswith('toy:') else None
@@ -102,7 +102,7 @@ def check_args(m: ModelArguments, d: DataArguments, t: TrainingArguments) -> Rec
                          "output_dir, or pass --overwrite_output_dir true to replace it")
     return recipe
 
-# %% ../../nbs/32_train.run.ipynb #5e5a2b39
+# %% ../../nbs/32_train.run.ipynb #26a38aa1
 def _quantization(t: TrainingArguments):
     if t.tune_type_llm != 'qlora': return None
     compute = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
@@ -157,7 +157,7 @@ def _load_llm(model, path, quant):
         model.language_model.save_pretrained(d)
         model.language_model = family.load(d, quantization_config=quant)
 
-# %% ../../nbs/32_train.run.ipynb #35f5de76
+# %% ../../nbs/32_train.run.ipynb #7b04dea4
 def save_run(trainer, tok, proc, base_dir=None):
     "Save the trained model (or LoRA adapter), tokenizer and image processor in the run's output_dir."
     out, model = Path(trainer.args.output_dir), trainer.model
@@ -175,7 +175,7 @@ def merge_lora(adapter_dir, output_dir) -> Path:
     model, tok, proc = load_pretrained(adapter_dir)
     return save_pretrained_all(model, tok, proc, output_dir)
 
-# %% ../../nbs/32_train.run.ipynb #5e67291e
+# %% ../../nbs/32_train.run.ipynb #80353100
 class LossPrinter(TrainerCallback):
     "Ten lines per run (step, loss, learning rate) in place of the Trainer's dict per logged step."
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -204,7 +204,7 @@ def train(m: ModelArguments, d: DataArguments, t: TrainingArguments, callbacks: 
                                  skip_bad=d.skip_bad_samples, full_check=d.full_check)
     if data.summary['skipped'] and t.process_index == 0:
         print(f"skipped {data.summary['skipped']} of {data.summary['samples']} samples: {dict(data.summary['reasons'])}")
-    trainer = TinyLlavaTrainer(model=model, args=t, train_dataset=data, data_collator=DataCollatorForSupervisedDataset(tok),
+    trainer = TinyLlavaTrainer(model=model, args=t, train_dataset=data, data_collator=DataCollatorForSupervisedDataset(tok, packing=t.packing),
                                processing_class=tok, callbacks=callbacks)
     if t.disable_tqdm: trainer.remove_callback(PrinterCallback); trainer.add_callback(LossPrinter)
     trainer.train(resume_from_checkpoint=resume)
@@ -216,6 +216,6 @@ def main(argv: list = None):
     "Entry point: `python -m tinyllava_nb.train.run [config.yaml] [--flag value ...]` (also under torchrun / deepspeed)."
     return train(*parse_args(argv))
 
-# %% ../../nbs/32_train.run.ipynb #02b20980
+# %% ../../nbs/32_train.run.ipynb #82b23aef
 #| eval: false
 if __name__ == '__main__': main()

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['TrainingArguments', 'param_groups', 'TinyLlavaTrainer']
 
-# %% ../../nbs/31_train.trainer.ipynb #2e7e59eb
+# %% ../../nbs/31_train.trainer.ipynb #0f1024df
 from dataclasses import dataclass, field
 
 import transformers
@@ -13,7 +13,7 @@ from transformers import Trainer
 
 from ..data.dataset import LengthGroupedSampler
 
-# %% ../../nbs/31_train.trainer.ipynb #ae56bc48
+# %% ../../nbs/31_train.trainer.ipynb #5f718329
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     "Hugging Face's training arguments plus TinyLLaVA Factory's (same names)."
@@ -29,13 +29,14 @@ class TrainingArguments(transformers.TrainingArguments):
     vision_tower_lr: float = field(default=None, metadata={'help': 'learning rate of the vision tower (default: learning_rate)'})
     group_by_length: bool = field(default=False, metadata={'help': 'batch samples of similar token length together'})
     group_by_modality_length: bool = field(default=False, metadata={'help': 'and keep image and text-only samples apart'})
+    packing: bool = field(default=False, metadata={'help': 'each batch as one row without padding (position ids restart per sample)'})
     pretrained_model_path: str = field(default=None, metadata={'help': "the previous stage's output (finetune after pretrain)"})
     overwrite_output_dir: bool = field(default=False, metadata={'help': 'replace a model already in output_dir'})
     logging_steps: float = 1                      # the loss of every step
     remove_unused_columns: bool = False           # batches carry `images`; the collator already drops the rest
     save_strategy: str = 'no'                     # checkpoints only when asked (set save_steps and 'steps')
 
-# %% ../../nbs/31_train.trainer.ipynb #1508a549
+# %% ../../nbs/31_train.trainer.ipynb #07a7efcc
 def param_groups(model, lr: float, weight_decay: float, decay_names, mm_projector_lr: float = None,
                  vision_tower_lr: float = None) -> list:
     "Optimizer groups: per-part learning rates; no weight decay outside `decay_names`."
@@ -47,7 +48,7 @@ def param_groups(model, lr: float, weight_decay: float, decay_names, mm_projecto
         groups.setdefault((plr, weight_decay if n in decay_names else 0.0), []).append(p)
     return [dict(params=ps, lr=l, weight_decay=wd) for (l, wd), ps in groups.items()]
 
-# %% ../../nbs/31_train.trainer.ipynb #7e3f2e1b
+# %% ../../nbs/31_train.trainer.ipynb #2434c478
 class TinyLlavaTrainer(Trainer):
     "`Trainer` with per-part learning rates and length-grouped sampling."
     def create_optimizer(self, model=None):
