@@ -8,19 +8,20 @@ __all__ = ['IGNORE_INDEX', 'IMAGE_TOKEN_INDEX', 'DEFAULT_IMAGE_TOKEN', 'SYSTEM',
            'PhiTemplate', 'GemmaTemplate', 'Qwen2BaseTemplate', 'Qwen2InstructTemplate', 'tokenize_spans', 'LabelView',
            'show_labels', 'trained_runs', 'random_conversation', 'check_encoding', 'fuzz_templates']
 
-# %% ../../nbs/10_data.template.ipynb #58bbc5c7
+# %% ../../nbs/10_data.template.ipynb #718a57ca
+import bisect
 from dataclasses import dataclass
 import numpy as np
 import torch
 
 from ..registry import Registry
 
-# %% ../../nbs/10_data.template.ipynb #131b5e62
+# %% ../../nbs/10_data.template.ipynb #ebe0dca7
 IGNORE_INDEX = -100          # label of a position that is not trained
 IMAGE_TOKEN_INDEX = -200     # input id of the slot an image's features go into
 DEFAULT_IMAGE_TOKEN = "<image>"
 
-# %% ../../nbs/10_data.template.ipynb #141a4e4d
+# %% ../../nbs/10_data.template.ipynb #976c0bbe
 @dataclass(frozen=True)
 class Formatter:
     "A text slot with an optional `{{content}}` placeholder."
@@ -35,18 +36,18 @@ class Formatter:
         "The text before `{{content}}`: what is written before an answer starts."
         return self.slot.split("{{content}}")[0]
 
-# %% ../../nbs/10_data.template.ipynb #3af789e0
+# %% ../../nbs/10_data.template.ipynb #20c04621
 class SampleError(ValueError):
     "A sample that cannot be encoded or trained on: a short `kind` (for counting) and the details."
     def __init__(self, kind: str, detail: str = ""):
         super().__init__(f"{kind}: {detail}" if detail else kind)
         self.kind = kind
 
-# %% ../../nbs/10_data.template.ipynb #6d5daa27
+# %% ../../nbs/10_data.template.ipynb #eabe57c6
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
           "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
-# %% ../../nbs/10_data.template.ipynb #8c485280
+# %% ../../nbs/10_data.template.ipynb #af129226
 def split_turns(messages: list,          # [{'from': 'human'|'gpt', 'value': str}, ...]
                 mode: str = 'train',     # 'train': every question needs an answer; 'infer': the last answer is asked for
                ) -> tuple:
@@ -69,7 +70,7 @@ def split_turns(messages: list,          # [{'from': 'human'|'gpt', 'value': str
         if a is not None and DEFAULT_IMAGE_TOKEN in a: raise SampleError("image in answer", f"answer {i} contains {DEFAULT_IMAGE_TOKEN!r}")
     return questions, answers
 
-# %% ../../nbs/10_data.template.ipynb #ade5e738
+# %% ../../nbs/10_data.template.ipynb #a97b22b0
 @dataclass
 class Template:
     "A chat format: how the system prompt, turns and images become one prompt string."
@@ -93,7 +94,7 @@ class Template:
             spans.append((start, len(text)))
         return text, spans
 
-# %% ../../nbs/10_data.template.ipynb #3256806c
+# %% ../../nbs/10_data.template.ipynb #a0b46fe4
 templates = Registry('template')
 register_template = templates.register
 
@@ -101,7 +102,7 @@ def TemplateFactory(name: str) -> type:
     "The template class registered as `name` (TinyLLaVA Factory's entry point: `TemplateFactory('phi')()`)."
     return templates[name]
 
-# %% ../../nbs/10_data.template.ipynb #0ad81482
+# %% ../../nbs/10_data.template.ipynb #1aa14d73
 @register_template('pretrain')
 @dataclass
 class PretrainTemplate(Template):
@@ -136,41 +137,52 @@ class Qwen2BaseTemplate(Template):
 class Qwen2InstructTemplate(Template):
     format_assistant: Formatter = Formatter("ASSISTANT: {{content}}<|im_end|>")
 
-# %% ../../nbs/10_data.template.ipynb #9ffd8027
-def _offsets(tokenizer, pieces: list) -> tuple:
-    "Token ids and per-token (start, end) character offsets of each text piece (whole piece if no offsets)."
-    if getattr(tokenizer, 'is_fast', False):
-        enc = tokenizer(pieces, add_special_tokens=False, return_offsets_mapping=True)
-        return enc['input_ids'], enc['offset_mapping']
-    ids = tokenizer(pieces, add_special_tokens=False)['input_ids']
-    return ids, [[(0, len(p))] * len(i) for p, i in zip(pieces, ids)]
+# %% ../../nbs/10_data.template.ipynb #9388af23
+def _first_token(enc, q: int, length: int) -> tuple:
+    "(index of the first token of `enc` starting at or after character `q` of its piece, whether a token straddles `q`)."
+    if q >= length: return len(enc.ids), False
+    if not hasattr(enc, 'char_to_token'): return 0, False       # no offsets: pieces are cut at every boundary (q == 0)
+    t, c = enc.char_to_token(q), q
+    while t is None and c + 1 < length: c += 1; t = enc.char_to_token(c)   # q not covered (e.g. a dropped space)
+    if t is None: return len(enc.ids), False
+    if enc.token_to_chars(t)[0] < q: return t, True                          # the token covering q starts before it
+    while t > 0 and enc.token_to_chars(t - 1)[0] >= q: t -= 1                # zero-width / shared-offset tokens at q
+    return t, False
+
+class _Ids:                                                        # a slow tokenizer's piece: ids, no offsets
+    def __init__(self, ids): self.ids = ids
 
 def tokenize_spans(text: str,            # the rendered prompt
                    spans: list,          # (start, end) character spans whose tokens are trained
                    tokenizer,            # a Hugging Face tokenizer
                   ) -> tuple:
     "`input_ids` (-200 at each `<image>`) and `labels` (-100 outside `spans`) from one tokenization of `text`."
-    bounds = np.array([b for s in spans for b in s], dtype=np.int64)
-    cuts = set() if getattr(tokenizer, 'is_fast', False) else set(bounds.tolist())
-    prefix = tokenizer("").input_ids              # the BOS the tokenizer adds, if any
+    fast = getattr(tokenizer, 'is_fast', False)
+    bounds = [b for s in spans for b in s]
+    cuts = set() if fast else set(bounds)
+    prefix = tokenizer.backend_tokenizer.encode("").ids if fast else tokenizer("").input_ids   # the BOS it adds, if any
     while True:
         chunks = _chunks(text, cuts)
-        encoded = iter(zip(*_offsets(tokenizer, [c for p, c in chunks if p is not None])))
-        ids, tok_start, tok_end = list(prefix), [-1] * len(prefix), [-1] * len(prefix)
-        for p, _ in chunks:
-            if p is None: ids.append(IMAGE_TOKEN_INDEX); tok_start.append(-1); tok_end.append(-1); continue
-            pid, off = next(encoded)
-            ids += pid
-            tok_start += [p + s for s, _ in off]; tok_end += [p + e for _, e in off]
-        tok_start, tok_end = np.array(tok_start, dtype=np.int64), np.array(tok_end, dtype=np.int64)
-        inside = np.searchsorted(bounds, tok_start, side='right')          # bounds at or before each token start
-        crossed = np.searchsorted(bounds, tok_end, side='left') - inside   # bounds strictly inside a token
-        straddled = {int(bounds[k]) for k in inside[(crossed > 0) & (tok_start >= 0)]}
+        pieces = [c for p, c in chunks if p is not None]
+        encs = iter([tokenizer.backend_tokenizer.encode(c, add_special_tokens=False) for c in pieces] if fast else   # Rust, no wrapper
+                    [_Ids(i) for i in tokenizer(pieces, add_special_tokens=False)['input_ids']])
+        ids, where = list(prefix), []                               # where: (piece start, its first id index, length, encoding)
+        for p, c in chunks:
+            if p is None: ids.append(IMAGE_TOKEN_INDEX); continue
+            enc = next(encs); where.append((p, len(ids), len(c), enc)); ids += enc.ids
+        starts, firsts, straddled = [w[0] for w in where], [], set()
+        for b in bounds:                                            # the piece holding b (the later one at a cut)
+            p, offset, length, enc = where[max(0, bisect.bisect_right(starts, b) - 1)]
+            t, cross = _first_token(enc, b - p, length)
+            firsts.append(offset + t)
+            if cross: straddled.add(b)
         if not straddled - cuts: break
         cuts |= straddled
-    ids = torch.tensor(ids, dtype=torch.long)
-    labels = torch.where(torch.from_numpy((inside % 2 == 1) & (tok_start >= 0)), ids, IGNORE_INDEX)
-    return ids, labels
+    ids = np.array(ids, dtype=np.int64)
+    labels = np.full_like(ids, IGNORE_INDEX)
+    for a, z in zip(firsts[::2], firsts[1::2]): labels[a:z] = ids[a:z]
+    labels[ids == IMAGE_TOKEN_INDEX] = IGNORE_INDEX
+    return torch.from_numpy(ids), torch.from_numpy(labels)
 
 def _chunks(text: str, cuts: set) -> list:
     "(start, piece) for the pieces of `text` between `<image>` tokens and `cuts`; (None, None) for each image."
@@ -182,7 +194,7 @@ def _chunks(text: str, cuts: set) -> list:
         pos += len(part)
     return out
 
-# %% ../../nbs/10_data.template.ipynb #dde04495
+# %% ../../nbs/10_data.template.ipynb #b9f48997
 def _encode(self: Template,
             messages: list,        # LLaVA turns: [{'from': 'human'|'gpt', 'value': str}, ...]
             tokenizer,             # a Hugging Face tokenizer
@@ -197,7 +209,7 @@ def _encode(self: Template,
 
 Template.encode = _encode
 
-# %% ../../nbs/10_data.template.ipynb #4ccd96c3
+# %% ../../nbs/10_data.template.ipynb #6b618a0b
 import html
 
 class LabelView:
@@ -232,7 +244,7 @@ def show_labels(encoded: dict, tokenizer) -> LabelView:
     "A coloured view of an `encode(..., mode='train')` result."
     return LabelView(encoded['input_ids'], encoded['labels'], tokenizer)
 
-# %% ../../nbs/10_data.template.ipynb #74374c12
+# %% ../../nbs/10_data.template.ipynb #7571afff
 def trained_runs(labels: torch.Tensor) -> list:
     "The label ids of each run of consecutive trained positions (one run per answer)."
     trained = (labels != IGNORE_INDEX).tolist()
@@ -242,7 +254,7 @@ def trained_runs(labels: torch.Tensor) -> list:
         elif cur: runs.append(cur); cur = []
     return runs + ([cur] if cur else [])
 
-# %% ../../nbs/10_data.template.ipynb #c5b54549
+# %% ../../nbs/10_data.template.ipynb #f39c7108
 import random
 
 _WORDS = ("red green blue circle square star yes no two left of the ü 漢字 ☃ é 🙂 ASSISTANT: USER: </s> "
@@ -272,7 +284,7 @@ def check_encoding(template: Template, messages: list, tokenizer) -> None:
     assert torch.equal(inf, enc['input_ids'][:len(inf)]), "infer ids are not a prefix of train ids"
     assert enc['labels'][len(inf)] != IGNORE_INDEX, "the token after the infer prompt is not trained"
 
-# %% ../../nbs/10_data.template.ipynb #6365236f
+# %% ../../nbs/10_data.template.ipynb #63d74e08
 def fuzz_templates(n: int = 1000, seed: int = 0, families=None, names=None) -> int:
     "Run `check_encoding` on `n` random conversations for every template x toy tokenizer; return the count."
     from tinyllava_nb.toy import toy_tokenizer, toy_tokenizers
