@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['commands', 'EXAMPLE', 'SCORE_ARGS', 'CONVERT_ARGS', 'Command', 'main', 'load_tokenizer']
 
-# %% ../nbs/90_cli.ipynb #55364ad5
+# %% ../nbs/90_cli.ipynb #ebc32bfd
 import argparse, json, os, sys
 from pathlib import Path
 from dataclasses import dataclass
@@ -14,7 +14,7 @@ from typing import Callable
 from .registry import Registry, UnknownNameError
 from .data.template import SampleError
 
-# %% ../nbs/90_cli.ipynb #3b5ec53e
+# %% ../nbs/90_cli.ipynb #319f992c
 @dataclass
 class Command:
     "A `tinyllava-nb` subcommand."
@@ -41,7 +41,7 @@ def main(argv: list = None) -> int:
         print(f"tinyllava-nb {name}: error: {e}\n(set TINYLLAVA_NB_TRACEBACK=1 to see the traceback)", file=sys.stderr)
         return 2
 
-# %% ../nbs/90_cli.ipynb #630db0f7
+# %% ../nbs/90_cli.ipynb #0580a4c0
 def load_tokenizer(spec: str):
     "A tokenizer from `toy:FAMILY` (offline toy) or a local path / hub name."
     if spec.startswith('toy:'):
@@ -51,7 +51,7 @@ def load_tokenizer(spec: str):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(spec)
 
-# %% ../nbs/90_cli.ipynb #c7ecb835
+# %% ../nbs/90_cli.ipynb #053cf50d
 EXAMPLE = [{'from': 'human', 'value': '<image>\nWhat colour is the circle?'}, {'from': 'gpt', 'value': 'Red.'},
            {'from': 'human', 'value': 'And the square?'}, {'from': 'gpt', 'value': 'Blue.'}]
 
@@ -75,7 +75,7 @@ def _labels_run(args):
 _ = commands.register('labels', Command("show how a conversation is tokenized and which tokens are trained",
                                     _labels_args, _labels_run))
 
-# %% ../nbs/90_cli.ipynb #17de6018
+# %% ../nbs/90_cli.ipynb #13b85cf2
 def _train_run(argv):
     from tinyllava_nb.train.run import main as train_main
     trainer = train_main(argv)
@@ -105,7 +105,7 @@ for _name, _cmd in {
     'toy-data': Command("write the toy data set (coloured shapes) the toy configs use", _toy_data_args, _toy_data_run),
 }.items(): commands.register(_name, _cmd)
 
-# %% ../nbs/90_cli.ipynb #8f8bf79a
+# %% ../nbs/90_cli.ipynb #2c58784b
 def _model_args(p):
     p.add_argument('--model-path', required=True, help="a TinyLLaVA directory (ours, TinyLLaVA Factory's, a LoRA run)")
     p.add_argument('--conv-mode', default=None, help="chat template (default: the model's)")
@@ -193,7 +193,7 @@ for _name, _cmd in {
     'convert': Command("write VQAv2's EvalAI upload or MM-Vet's grader input", _bench_args(CONVERT_ARGS), _bench_run(CONVERT_ARGS)),
 }.items(): commands.register(_name, _cmd)
 
-# %% ../nbs/90_cli.ipynb #dd41cb85
+# %% ../nbs/90_cli.ipynb #e47e50bf
 def _demo_args(p):
     p.add_argument('--output-dir', default='runs/demo')
     p.add_argument('--llm', default='phi', help="toy LLM family: phi, llama, qwen2, gemma, stablelm")
@@ -217,7 +217,18 @@ def _world_run(args):
     from tinyllava_nb.world import make_world
     print('\n'.join(f"{k}: {v}" for k, v in make_world(args.output_dir, args.n_train, args.n_eval, args.seed).items()))
 
+def _speed_args(p):
+    p.add_argument('--quick', action='store_true', help="the quick sizes (about a minute on 2 cores; default: full)")
+    p.add_argument('--size', choices=['tiny', 'quick', 'full'], default=None, help="tiny: correctness only, seconds")
+    p.add_argument('--output', default='bench/results.json', help="where to write the table as JSON")
+
+def _speed_run(args):
+    from tinyllava_nb.bench import run_bench
+    run_bench(args.size or ('quick' if args.quick else 'full'), args.output)
+    print(f"written: {args.output}")
+
 for _name, _cmd in {
     'demo': Command("the main job: train a tiny LLaVA on the shapes world on this CPU, evaluate it, write pictures", _demo_args, _demo_run),
     'world': Command("write the shapes world: images, training data, held-out benchmark files", _world_args, _world_run),
+    'bench': Command("time every fast path against its reference in this process; print ratios and targets", _speed_args, _speed_run),
 }.items(): commands.register(_name, _cmd)

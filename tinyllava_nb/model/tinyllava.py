@@ -6,7 +6,7 @@
 __all__ = ['TinyLlavaConfig', 'merge_image_features', 'TinyLlavaPreTrainedModel', 'TinyLlavaForConditionalGeneration',
            'toy_tinyllava', 'save_pretrained_all', 'load_stage_folders', 'load_pretrained']
 
-# %% ../../nbs/23_model.tinyllava.ipynb #60d87be9
+# %% ../../nbs/23_model.tinyllava.ipynb #7615eb2b
 import json
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from .llm import llm_family, load_tokenizer
 from .vision import split_vision_path, vision_config_of, vision_tower_name, vision_towers
 from .connector import build_connector
 
-# %% ../../nbs/23_model.tinyllava.ipynb #a9ee4620
+# %% ../../nbs/23_model.tinyllava.ipynb #6379b7c6
 def _sub_config(data, name_or_path: str, vision: bool = False):
     "A config from stored data (a dict with `model_type`, or a config), else read from a directory / hub name."
     if isinstance(data, PretrainedConfig): return data
@@ -31,7 +31,7 @@ def _sub_config(data, name_or_path: str, vision: bool = False):
     cfg = vision_config_of(name_or_path) if vision else AutoConfig.from_pretrained(name_or_path, trust_remote_code=True)
     return cfg.__class__.from_dict({**cfg.to_dict(), **(data or {})}) if data else cfg
 
-# %% ../../nbs/23_model.tinyllava.ipynb #0cf7f4e3
+# %% ../../nbs/23_model.tinyllava.ipynb #3c57cd40
 class TinyLlavaConfig(PretrainedConfig):
     "A TinyLLaVA model: LLM, vision tower and connector, with their configs as data."
     model_type = "tinyllava"
@@ -78,7 +78,7 @@ class TinyLlavaConfig(PretrainedConfig):
         "The registered vision tower these configs describe."
         return vision_tower_name(self.vision_model_name_or_path, self.vision_config)
 
-# %% ../../nbs/23_model.tinyllava.ipynb #1792dc90
+# %% ../../nbs/23_model.tinyllava.ipynb #e6e5221b
 def merge_image_features(input_ids: torch.Tensor,        # [B, T], -200 at image slots
                          attention_mask: torch.Tensor,   # [B, T] or None; left or right padding
                          labels: torch.Tensor,           # [B, T] or None
@@ -103,15 +103,18 @@ def merge_image_features(input_ids: torch.Tensor,        # [B, T], -200 at image
     left = bool((~mask[:, 0]).any() and mask[:, -1].all())
     shift = (width - lengths) if left else torch.zeros_like(lengths)
     starts = starts + shift[:, None]
-    embeds = features.new_zeros(B, width, features.shape[-1])
+    embeds = features.new_zeros(B * width, features.shape[-1])          # rows flattened: one index per write
     text_b, text_t = (mask & ~is_img).nonzero(as_tuple=True)
-    embeds[text_b, starts[text_b, text_t]] = embed_tokens(input_ids[text_b, text_t]).to(features.dtype)
+    embeds[text_b * width + starts[text_b, text_t]] = embed_tokens(input_ids[text_b, text_t]).to(features.dtype)
     img_b, img_t = is_img.nonzero(as_tuple=True)                          # row-major: the order images are given
     offsets = torch.arange(len(features), device=features.device) - (sizes.cumsum(0) - sizes).repeat_interleave(sizes)
-    embeds[img_b.repeat_interleave(sizes), starts[img_b, img_t].repeat_interleave(sizes) + offsets] = features
+    embeds[img_b.repeat_interleave(sizes) * width + starts[img_b, img_t].repeat_interleave(sizes) + offsets] = features
+    embeds = embeds.view(B, width, -1)
     cols = torch.arange(width, device=input_ids.device)[None]
     new_mask = (cols >= shift[:, None]) & (cols < (shift + lengths)[:, None])
-    position_ids = (new_mask.long().cumsum(1) - 1).masked_fill(~new_mask, 1)
+    # left padding: each row counts from its first real token; right padding: one row of positions for all (a [1, T']
+    # tensor, so the LLM computes its rotary tables once, not per row; padding's positions are never used)
+    position_ids = (new_mask.long().cumsum(1) - 1).masked_fill(~new_mask, 1) if left else cols
     new_labels = None
     if labels is not None:
         new_labels = labels.new_full((B, width), IGNORE_INDEX)
@@ -130,7 +133,7 @@ def merge_image_features(input_ids: torch.Tensor,        # [B, T], -200 at image
         new_labels = new_labels[:, :max_length] if new_labels is not None else None
     return embeds, new_mask.long(), position_ids, new_labels
 
-# %% ../../nbs/23_model.tinyllava.ipynb #d4dd15cd
+# %% ../../nbs/23_model.tinyllava.ipynb #ce0dd325
 class TinyLlavaPreTrainedModel(PreTrainedModel):
     config_class = TinyLlavaConfig
     base_model_prefix = ""
@@ -159,21 +162,23 @@ class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel, GenerationMixi
         "Vectors one (non-anyres) image becomes in the LLM."
         return self.connector.num_tokens(self.vision_tower.num_tokens(self.config.vision_feature_select_strategy))
 
-# %% ../../nbs/23_model.tinyllava.ipynb #7e9e20f7
+# %% ../../nbs/23_model.tinyllava.ipynb #382646ab
 @patch
 def encode_images(self: TinyLlavaForConditionalGeneration, images) -> tuple:
     "(features [sum K'_i, D], sizes [N]) for images [N, 3, H, W], [N, 1+t, 3, H, W] or a list of per-image tensors."
-    per_image = list(images) if isinstance(images, (list, tuple)) or images.dim() == 5 else list(images[:, None])
-    per_image = [im if im.dim() == 4 else im[None] for im in per_image]
-    tiles = torch.tensor([len(im) for im in per_image])
+    if torch.is_tensor(images) and images.dim() == 4: pixels, tiles = images, None      # one tile each: no bookkeeping
+    else:
+        per_image = list(images) if isinstance(images, (list, tuple)) or images.dim() == 5 else list(images[:, None])
+        per_image = [im if im.dim() == 4 else im[None] for im in per_image]
+        tiles, pixels = torch.tensor([len(im) for im in per_image]), torch.cat(per_image)
     first = next(self.vision_tower.parameters())
-    pixels = torch.cat(per_image).to(device=first.device, dtype=first.dtype)
-    feats = self.vision_tower(pixels, self.config.vision_feature_layer, self.config.vision_feature_select_strategy)
+    feats = self.vision_tower(pixels.to(device=first.device, dtype=first.dtype), self.config.vision_feature_layer,
+                              self.config.vision_feature_select_strategy)
     feats = self.connector(feats)                                          # [sum tiles, K', D]
-    sizes = (tiles * feats.shape[1]).to(feats.device)
+    sizes = torch.full((len(pixels),), feats.shape[1], device=feats.device) if tiles is None else (tiles * feats.shape[1]).to(feats.device)
     return feats.flatten(0, 1), sizes
 
-# %% ../../nbs/23_model.tinyllava.ipynb #b94fda12
+# %% ../../nbs/23_model.tinyllava.ipynb #e45790c0
 @patch
 def prepare_inputs(self: TinyLlavaForConditionalGeneration, input_ids, attention_mask=None, labels=None, images=None,
                    position_ids=None) -> dict:
@@ -210,7 +215,7 @@ def generate(self: TinyLlavaForConditionalGeneration, input_ids=None, images=Non
     kwargs.setdefault('pad_token_id', self.config.pad_token_id)
     return self.language_model.generate(**inputs, **kwargs)
 
-# %% ../../nbs/23_model.tinyllava.ipynb #e745e1be
+# %% ../../nbs/23_model.tinyllava.ipynb #2ed06f00
 def toy_tinyllava(llm: str = 'phi', vision: str = 'siglip', connector: str = 'mlp2x_gelu', image_size: int = 32,
                   vision_hidden_size: int = 32, seed: int = 0, hidden_size: int = 64, num_hidden_layers: int = 2,
                   vision_layers: int = 2, patch_size: int = 8, **kwargs) -> tuple:
@@ -231,7 +236,7 @@ def toy_tinyllava(llm: str = 'phi', vision: str = 'siglip', connector: str = 'ml
     model.vision_tower.image_processor = toy_image_processor('clip' if vision == 'mof' else vision, image_size)
     return model, tok, model.vision_tower.image_processor
 
-# %% ../../nbs/23_model.tinyllava.ipynb #ddf9b923
+# %% ../../nbs/23_model.tinyllava.ipynb #7a09b77a
 transformers.AutoConfig.register("tinyllava", TinyLlavaConfig, exist_ok=True)
 transformers.AutoModelForCausalLM.register(TinyLlavaConfig, TinyLlavaForConditionalGeneration, exist_ok=True)
 
@@ -241,7 +246,7 @@ def save_pretrained_all(model, tokenizer, image_processor, path) -> Path:
     if image_processor is not None: image_processor.save_pretrained(path)
     return Path(path)
 
-# %% ../../nbs/23_model.tinyllava.ipynb #f7e1e95d
+# %% ../../nbs/23_model.tinyllava.ipynb #c7247c94
 def _load_bin(path) -> dict: return torch.load(path, map_location='cpu', weights_only=True)
 
 def load_stage_folders(model: TinyLlavaForConditionalGeneration, path) -> TinyLlavaForConditionalGeneration:
