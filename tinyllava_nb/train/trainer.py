@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['TrainingArguments', 'param_groups', 'TinyLlavaTrainer']
 
-# %% ../../nbs/31_train.trainer.ipynb #0f1024df
+# %% ../../nbs/31_train.trainer.ipynb #54f4d7d0
 from dataclasses import dataclass, field
 
 import transformers
@@ -13,7 +13,7 @@ from transformers import Trainer
 
 from ..data.dataset import LengthGroupedSampler
 
-# %% ../../nbs/31_train.trainer.ipynb #5f718329
+# %% ../../nbs/31_train.trainer.ipynb #57cec8a4
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     "Hugging Face's training arguments plus TinyLLaVA Factory's (same names)."
@@ -32,11 +32,19 @@ class TrainingArguments(transformers.TrainingArguments):
     packing: bool = field(default=False, metadata={'help': 'each batch as one row without padding (position ids restart per sample)'})
     pretrained_model_path: str = field(default=None, metadata={'help': "the previous stage's output (finetune after pretrain)"})
     overwrite_output_dir: bool = field(default=False, metadata={'help': 'replace a model already in output_dir'})
+    warmup_ratio: float = field(default=None, metadata={'help': 'warmup as a fraction of the steps (TinyLLaVA\'s name; sets warmup_steps)'})
     logging_steps: float = 1                      # the loss of every step
     remove_unused_columns: bool = False           # batches carry `images`; the collator already drops the rest
     save_strategy: str = 'no'                     # checkpoints only when asked (set save_steps and 'steps')
 
-# %% ../../nbs/31_train.trainer.ipynb #07a7efcc
+    def __post_init__(self):
+        if self.warmup_ratio is not None:         # transformers 5 reads a fraction < 1 in warmup_steps as a ratio
+            if self.warmup_steps: raise ValueError(f"give warmup_ratio ({self.warmup_ratio}) or warmup_steps ({self.warmup_steps}), not both")
+            if not 0 <= self.warmup_ratio < 1: raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
+        super().__post_init__()
+
+# %% ../../nbs/31_train.trainer.ipynb #50cdadae
 def param_groups(model, lr: float, weight_decay: float, decay_names, mm_projector_lr: float = None,
                  vision_tower_lr: float = None) -> list:
     "Optimizer groups: per-part learning rates; no weight decay outside `decay_names`."
@@ -48,7 +56,7 @@ def param_groups(model, lr: float, weight_decay: float, decay_names, mm_projecto
         groups.setdefault((plr, weight_decay if n in decay_names else 0.0), []).append(p)
     return [dict(params=ps, lr=l, weight_decay=wd) for (l, wd), ps in groups.items()]
 
-# %% ../../nbs/31_train.trainer.ipynb #2434c478
+# %% ../../nbs/31_train.trainer.ipynb #55946564
 class TinyLlavaTrainer(Trainer):
     "`Trainer` with per-part learning rates and length-grouped sampling."
     def create_optimizer(self, model=None):
