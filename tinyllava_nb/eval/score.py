@@ -9,12 +9,12 @@ __all__ = ['SQA_OPTIONS', 'EVALAI_CONTRACTIONS', 'NUMBER_MAP', 'ARTICLES', 'EVAL
            'pope_metrics', 'score_pope', 'mme_yes_no', 'mme_ground_truth', 'score_mme', 'mmmu_choice', 'mmmu_normalize',
            'mmmu_numbers', 'mmmu_open', 'mmmu_correct', 'score_mmmu', 'convert_mmvet']
 
-# %% ../../nbs/42_eval.score.ipynb #680e72fa
+# %% ../../nbs/42_eval.score.ipynb #f77b145d
 import io, json, os, re
 from collections import defaultdict
 from pathlib import Path
 
-# %% ../../nbs/42_eval.score.ipynb #d8d44051
+# %% ../../nbs/42_eval.score.ipynb #99d383be
 def read_answers(path) -> tuple:
     "(list of answer dicts, number of malformed lines) from a JSON-lines answers file."
     records, bad = [], 0
@@ -29,7 +29,7 @@ def read_answers(path) -> tuple:
 
 def _pct(num, den): return 100.0 * num / den if den else None
 
-# %% ../../nbs/42_eval.score.ipynb #bd9b2d85
+# %% ../../nbs/42_eval.score.ipynb #1d10fe67
 SQA_OPTIONS = ["A", "B", "C", "D", "E"]
 _SQA_ANSWER_IS = re.compile(r'The answer is ([A-Z]).')
 
@@ -67,7 +67,7 @@ def score_sqa(base_dir, result_file, split: str = 'test', output_file=None, outp
     if output_result: Path(output_result).write_text(json.dumps(dict(acc=out['accuracy'], correct=correct, count=total, results=per_problem), indent=2))
     return out
 
-# %% ../../nbs/42_eval.score.ipynb #48c99cb2
+# %% ../../nbs/42_eval.score.ipynb #badd32e1
 def score_gqa(questions, result_file) -> dict:
     "Accuracy, binary and open accuracy on GQA's balanced questions (e.g. testdev_balanced_questions.json)."
     qs = json.loads(Path(questions).read_text())
@@ -86,7 +86,7 @@ def score_gqa(questions, result_file) -> dict:
                 per_structural_type={k: avg(v) for k, v in structural.items()}, per_semantic_type={k: avg(v) for k, v in semantic.items()},
                 unknown_ids=sum(q not in qs for q in preds), malformed_lines=malformed)
 
-# %% ../../nbs/42_eval.score.ipynb #136a6792
+# %% ../../nbs/42_eval.score.ipynb #2b691e81
 _CONTRACTIONS = ("aint:ain't arent:aren't cant:can't couldve:could've couldnt:couldn't couldn'tve:couldn't've couldnt've:couldn't've "
     "didnt:didn't doesnt:doesn't dont:don't hadnt:hadn't hadnt've:hadn't've hadn'tve:hadn't've hasnt:hasn't havent:haven't hed:he'd "
     "hed've:he'd've he'dve:he'd've hes:he's howd:how'd howll:how'll hows:how's Id've:I'd've I'dve:I'd've Im:I'm Ive:I've isnt:isn't "
@@ -119,7 +119,7 @@ def _digits_articles(text: str, contractions: dict) -> str:
     words = [NUMBER_MAP.get(w, w) for w in text.lower().split()]
     return ' '.join(contractions.get(w, w) for w in words if w not in ARTICLES)
 
-# %% ../../nbs/42_eval.score.ipynb #19a35bc2
+# %% ../../nbs/42_eval.score.ipynb #861184c8
 EVALAI_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 
 def evalai_normalize(answer: str) -> str:
@@ -132,7 +132,7 @@ def vqa_normalize(answer: str) -> str:
     "The official VQA evaluator's normalisation (applied when the human answers disagree)."
     return _digits_articles(_strip_punct(answer, EVALAI_PUNCT, r"(\d)(\,)(\d)"), EVALAI_CONTRACTIONS)
 
-# %% ../../nbs/42_eval.score.ipynb #ba0883f5
+# %% ../../nbs/42_eval.score.ipynb #1997a721
 def textvqa_question(prompt: str):
     "The question inside a TextVQA prompt (LLaVA's formats), lower-cased; None if the format is unknown."
     if prompt.startswith('OCR tokens: '):
@@ -163,7 +163,7 @@ def score_textvqa(annotation_file, result_file) -> dict:
     return dict(accuracy=100.0 * sum(scores) / len(scores) if scores else None, samples=len(scores), unknown_ids=unknown,
                 unparsed_prompts=unparsed, malformed_lines=malformed)
 
-# %% ../../nbs/42_eval.score.ipynb #8f2b7210
+# %% ../../nbs/42_eval.score.ipynb #b5faca3c
 def score_vqav2(annotation_file, question_file, result_file) -> dict:
     "Overall, per answer type and per question type VQA accuracy (official evaluator) on val-style annotations."
     anns = {a['question_id']: a for a in json.loads(Path(annotation_file).read_text())['annotations']}
@@ -196,7 +196,7 @@ def convert_vqav2(question_file, result_file, dst) -> dict:
     return dict(total_results=len(res), total_split=len(split), error_line=malformed,
                 missing=sum(q['question_id'] not in res for q in split), written=str(dst))
 
-# %% ../../nbs/42_eval.score.ipynb #cc4af967
+# %% ../../nbs/42_eval.score.ipynb #69f35ee4
 def pope_yes_no(text: str) -> str:
     "POPE's reading of an answer: 'no' if the first sentence has the word No / no / not, else 'yes'."
     if text.find('.') != -1: text = text.split('.')[0]
@@ -232,7 +232,7 @@ def score_pope(annotation_dir, question_file, result_file) -> dict:
     return dict(categories=out, mean_accuracy=mean('accuracy'), mean_f1=mean('f1'), unknown_ids=len(answers) - len(known),
                 malformed_lines=malformed)
 
-# %% ../../nbs/42_eval.score.ipynb #db968283
+# %% ../../nbs/42_eval.score.ipynb #ac17b996
 MME_TASKS = {'perception': ['existence', 'count', 'position', 'color', 'posters', 'celebrity', 'scene', 'landmark', 'artwork', 'OCR'],
              'cognition': ['commonsense_reasoning', 'numerical_calculation', 'text_translation', 'code_reasoning']}
 
@@ -298,7 +298,7 @@ def score_mme(result_file, gt_dir) -> dict:
         out[kind] = dict(total=sum(t['score'] for t in per.values()), tasks=per, missing_tasks=[t for t in tasks if t not in per])
     return dict(**out, unknown_questions=unknown, skipped_lines=skipped, malformed_lines=malformed)
 
-# %% ../../nbs/42_eval.score.ipynb #b1dbd2c5
+# %% ../../nbs/42_eval.score.ipynb #a9950a59
 import random
 
 MMMU_DISCIPLINES = {
@@ -335,12 +335,14 @@ def _is_number(s: str) -> bool:
     except ValueError: return False
 
 def mmmu_normalize(s: str) -> list:
+    "MMMU's normalisation of one answer: a number rounded to 2 places, else lower-cased text (a single letter also padded with a space)."
     s = s.strip()
     if _is_number(s): return [round(float(s.replace(',', '')), 2)]
     s = s.lower()
     return [" " + s, s + " "] if len(s) == 1 else [s]
 
 def mmmu_numbers(s: str) -> list:
+    "Every number in `s` as MMMU extracts them (with thousands separators, scientific notation, plain)."
     return (re.findall(r'-?\b\d{1,3}(?:,\d{3})+\b', s) + re.findall(r'-?\d+(?:\.\d+)?[eE][+-]?\d+', s)
             + re.findall(r'-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])', s))
 
@@ -362,6 +364,7 @@ def mmmu_open(response: str) -> list:
     return list({x for p in preds for x in mmmu_normalize(p)})
 
 def mmmu_correct(question_type: str, gold, pred) -> bool:
+    "MMMU's rule: a multiple-choice letter equals the gold one; an open answer matches any normalised gold answer."
     if question_type == 'multiple-choice': return pred in gold if isinstance(gold, list) else pred == gold
     norm = [x for g in (gold if isinstance(gold, list) else [gold]) for x in mmmu_normalize(g)]
     return any((isinstance(p, str) and any(isinstance(n, str) and n in p for n in norm)) or (not isinstance(p, str) and p in norm) for p in pred)

@@ -8,14 +8,14 @@ __all__ = ['connectors', 'register_connector', 'ACTIVATIONS', 'Connector', 'conn
            'PerceiverResampler', 'QueryConnector', 'ResamplerConnector', 'QFormer', 'QFormerConnector', 'MoFMLP',
            'MoFMLPConnector']
 
-# %% ../../nbs/22_model.connector.ipynb #3c911939
+# %% ../../nbs/22_model.connector.ipynb #1983e140
 import re
 import torch
 from torch import nn
 
 from ..registry import Registry
 
-# %% ../../nbs/22_model.connector.ipynb #50f6784e
+# %% ../../nbs/22_model.connector.ipynb #1813989f
 class Connector(nn.Module):
     "Image features [N, K, vision_hidden_size] -> LLM embeddings [N, K', hidden_size]."
     def __init__(self, config):
@@ -40,7 +40,7 @@ def build_connector(config) -> Connector:
     "The connector `config.connector_type` names, built from `config`."
     return connectors[connector_name(config.connector_type)](config)
 
-# %% ../../nbs/22_model.connector.ipynb #d300758c
+# %% ../../nbs/22_model.connector.ipynb #31d85b80
 @register_connector('identity')
 class IdentityConnector(Connector):
     "Pass the features through: the vision and LLM widths must be equal."
@@ -52,6 +52,7 @@ class IdentityConnector(Connector):
 
 @register_connector('linear')
 class LinearConnector(Connector):
+    "One linear layer from the vision width to the LLM's."
     def build(self, config): return nn.Linear(config.vision_hidden_size, config.hidden_size)
 
 ACTIVATIONS = dict(gelu=nn.GELU, relu=nn.ReLU)
@@ -66,7 +67,7 @@ class MLPConnector(Connector):
         for _ in range(int(depth) - 1): layers += [ACTIVATIONS[act](), nn.Linear(config.hidden_size, config.hidden_size)]
         return nn.Sequential(*layers)
 
-# %% ../../nbs/22_model.connector.ipynb #fbfb0169
+# %% ../../nbs/22_model.connector.ipynb #caf420c2
 class PerceiverAttention(nn.Module):
     "Latents attend to [image tokens; latents] (8 heads of 64)."
     def __init__(self, dim: int, dim_head: int = 64, heads: int = 8):
@@ -86,9 +87,11 @@ class PerceiverAttention(nn.Module):
         return self.to_out(out.transpose(1, 2).flatten(2))           # [N, Q, D]
 
 def feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
+    "The resampler's pre-norm feed-forward block."
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False))
 
 class PerceiverResampler(nn.Module):
+    "Learned queries that cross-attend to the image features (Flamingo's Perceiver Resampler, TinyLLaVA's key names)."
     def __init__(self, config):
         super().__init__()
         dim = config.hidden_size
@@ -119,10 +122,13 @@ class QueryConnector(Connector):
     def num_tokens(self, n_in): return self.queries
 
 @register_connector('resampler')
-class ResamplerConnector(QueryConnector): module = PerceiverResampler
+class ResamplerConnector(QueryConnector):
+    "`num_queries` image tokens from a Perceiver Resampler."
+    module = PerceiverResampler
 
-# %% ../../nbs/22_model.connector.ipynb #97a753c0
+# %% ../../nbs/22_model.connector.ipynb #8544f45b
 class QFormer(nn.Module):
+    "A compact Q-Former: learned queries through transformer decoder layers over the image features."
     def __init__(self, config):
         super().__init__()
         dim = config.hidden_size
@@ -138,10 +144,13 @@ class QFormer(nn.Module):
         return self.projector(self.blocks(queries, self.proj_in(x)))   # [N, Q, D]
 
 @register_connector('qformer')
-class QFormerConnector(QueryConnector): module = QFormer
+class QFormerConnector(QueryConnector):
+    "`num_queries` image tokens from a Q-Former."
+    module = QFormer
 
-# %% ../../nbs/22_model.connector.ipynb #1580314a
+# %% ../../nbs/22_model.connector.ipynb #db1fb806
 class MoFMLP(nn.Module):
+    "Two MLPs, one per tower of MoF (CLIP and DINOv2), their outputs interleaved token by token."
     def __init__(self, config):
         super().__init__()
         mlp = lambda: nn.Sequential(nn.Linear(config.vision_hidden_size, config.hidden_size), nn.GELU(),
@@ -154,5 +163,6 @@ class MoFMLP(nn.Module):
 
 @register_connector('mof_mlp')
 class MoFMLPConnector(Connector):
+    "The connector for the `mof` vision tower."
     def build(self, config): return MoFMLP(config)
     def num_tokens(self, n_in): return 2 * n_in

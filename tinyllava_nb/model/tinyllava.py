@@ -6,7 +6,7 @@
 __all__ = ['TinyLlavaConfig', 'merge_image_features', 'TinyLlavaPreTrainedModel', 'TinyLlavaForConditionalGeneration',
            'toy_tinyllava', 'save_pretrained_all', 'load_stage_folders', 'load_pretrained']
 
-# %% ../../nbs/23_model.tinyllava.ipynb #3a5a7e15
+# %% ../../nbs/23_model.tinyllava.ipynb #5e16fd88
 import json
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from .llm import llm_family, load_tokenizer
 from .vision import split_vision_path, vision_config_of, vision_tower_name, vision_towers
 from .connector import build_connector
 
-# %% ../../nbs/23_model.tinyllava.ipynb #41c32131
+# %% ../../nbs/23_model.tinyllava.ipynb #5f168fa8
 def _sub_config(data, name_or_path: str, vision: bool = False):
     "A config from stored data (a dict with `model_type`, or a config), else read from a directory / hub name."
     if isinstance(data, PretrainedConfig): return data
@@ -31,7 +31,7 @@ def _sub_config(data, name_or_path: str, vision: bool = False):
     cfg = vision_config_of(name_or_path) if vision else AutoConfig.from_pretrained(name_or_path, trust_remote_code=True)
     return cfg.__class__.from_dict({**cfg.to_dict(), **(data or {})}) if data else cfg
 
-# %% ../../nbs/23_model.tinyllava.ipynb #1b0089e3
+# %% ../../nbs/23_model.tinyllava.ipynb #6838c487
 class TinyLlavaConfig(PretrainedConfig):
     "A TinyLLaVA model: LLM, vision tower and connector, with their configs as data."
     model_type = "tinyllava"
@@ -78,7 +78,7 @@ class TinyLlavaConfig(PretrainedConfig):
         "The registered vision tower these configs describe."
         return vision_tower_name(self.vision_model_name_or_path, self.vision_config)
 
-# %% ../../nbs/23_model.tinyllava.ipynb #511d1292
+# %% ../../nbs/23_model.tinyllava.ipynb #de882dcd
 def merge_image_features(input_ids: torch.Tensor,        # [B, T], -200 at image slots
                          attention_mask: torch.Tensor,   # [B, T] or None; left or right padding
                          labels: torch.Tensor,           # [B, T] or None
@@ -133,8 +133,9 @@ def merge_image_features(input_ids: torch.Tensor,        # [B, T], -200 at image
         new_labels = new_labels[:, :max_length] if new_labels is not None else None
     return embeds, new_mask.long(), position_ids, new_labels
 
-# %% ../../nbs/23_model.tinyllava.ipynb #58bbc783
+# %% ../../nbs/23_model.tinyllava.ipynb #6daadc02
 class TinyLlavaPreTrainedModel(PreTrainedModel):
+    "transformers' base for TinyLLaVA models: config class, checkpointing and attention-backend support."
     config_class = TinyLlavaConfig
     base_model_prefix = ""
     supports_gradient_checkpointing = True
@@ -162,7 +163,7 @@ class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel, GenerationMixi
         "Vectors one (non-anyres) image becomes in the LLM."
         return self.connector.num_tokens(self.vision_tower.num_tokens(self.config.vision_feature_select_strategy))
 
-# %% ../../nbs/23_model.tinyllava.ipynb #b4181211
+# %% ../../nbs/23_model.tinyllava.ipynb #f2c53dd2
 @patch
 def encode_images(self: TinyLlavaForConditionalGeneration, images) -> tuple:
     "(features [sum K'_i, D], sizes [N]) for images [N, 3, H, W], [N, 1+t, 3, H, W] or a list of per-image tensors."
@@ -178,7 +179,7 @@ def encode_images(self: TinyLlavaForConditionalGeneration, images) -> tuple:
     sizes = torch.full((len(pixels),), feats.shape[1], device=feats.device) if tiles is None else (tiles * feats.shape[1]).to(feats.device)
     return feats.flatten(0, 1), sizes
 
-# %% ../../nbs/23_model.tinyllava.ipynb #9c37c6c2
+# %% ../../nbs/23_model.tinyllava.ipynb #bc7f0901
 @patch
 def prepare_inputs(self: TinyLlavaForConditionalGeneration, input_ids, attention_mask=None, labels=None, images=None,
                    position_ids=None) -> dict:
@@ -215,7 +216,7 @@ def generate(self: TinyLlavaForConditionalGeneration, input_ids=None, images=Non
     kwargs.setdefault('pad_token_id', self.config.pad_token_id)
     return self.language_model.generate(**inputs, **kwargs)
 
-# %% ../../nbs/23_model.tinyllava.ipynb #295b6eac
+# %% ../../nbs/23_model.tinyllava.ipynb #a0972d99
 def toy_tinyllava(llm: str = 'phi', vision: str = 'siglip', connector: str = 'mlp2x_gelu', image_size: int = 32,
                   vision_hidden_size: int = 32, seed: int = 0, hidden_size: int = 64, num_hidden_layers: int = 2,
                   vision_layers: int = 2, patch_size: int = 8, **kwargs) -> tuple:
@@ -236,7 +237,7 @@ def toy_tinyllava(llm: str = 'phi', vision: str = 'siglip', connector: str = 'ml
     model.vision_tower.image_processor = toy_image_processor('clip' if vision == 'mof' else vision, image_size)
     return model, tok, model.vision_tower.image_processor
 
-# %% ../../nbs/23_model.tinyllava.ipynb #4335b14e
+# %% ../../nbs/23_model.tinyllava.ipynb #9f88d50d
 transformers.AutoConfig.register("tinyllava", TinyLlavaConfig, exist_ok=True)
 transformers.AutoModelForCausalLM.register(TinyLlavaConfig, TinyLlavaForConditionalGeneration, exist_ok=True)
 
@@ -246,7 +247,7 @@ def save_pretrained_all(model, tokenizer, image_processor, path) -> Path:
     if image_processor is not None: image_processor.save_pretrained(path)
     return Path(path)
 
-# %% ../../nbs/23_model.tinyllava.ipynb #454f9dde
+# %% ../../nbs/23_model.tinyllava.ipynb #8b58f25d
 def _load_bin(path) -> dict: return torch.load(path, map_location='cpu', weights_only=True)
 
 def load_stage_folders(model: TinyLlavaForConditionalGeneration, path) -> TinyLlavaForConditionalGeneration:

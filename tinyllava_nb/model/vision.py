@@ -7,7 +7,7 @@ __all__ = ['STRATEGIES', 'vision_towers', 'register_vision_tower', 'select_featu
            'SiglipVisionTower', 'DINOv2VisionTower', 'MoF', 'MoFVisionTower', 'split_vision_path', 'vision_tower_name',
            'vision_config_of']
 
-# %% ../../nbs/21_model.vision.ipynb #28c6af5e
+# %% ../../nbs/21_model.vision.ipynb #f7974571
 import torch
 from torch import nn
 import transformers
@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoImageProcessor
 
 from ..registry import Registry
 
-# %% ../../nbs/21_model.vision.ipynb #3f61f281
+# %% ../../nbs/21_model.vision.ipynb #20c84856
 STRATEGIES = ('patch', 'cls_patch')
 
 def select_features(hidden: torch.Tensor, strategy: str = 'patch') -> torch.Tensor:
@@ -24,7 +24,7 @@ def select_features(hidden: torch.Tensor, strategy: str = 'patch') -> torch.Tens
     if strategy == 'cls_patch': return hidden
     raise ValueError(f"vision_feature_select_strategy must be one of {STRATEGIES}, got {strategy!r}")
 
-# %% ../../nbs/21_model.vision.ipynb #c240e8bd
+# %% ../../nbs/21_model.vision.ipynb #b0d88ee7
 class VisionTower(nn.Module):
     "A vision transformer whose chosen hidden layer gives the image features; frozen on creation."
     model_class = ''            # the vision model class in `transformers`
@@ -62,17 +62,23 @@ class VisionTower(nn.Module):
 vision_towers = Registry('vision tower')
 register_vision_tower = vision_towers.register
 
-# %% ../../nbs/21_model.vision.ipynb #1e6db68f
+# %% ../../nbs/21_model.vision.ipynb #69252401
 @register_vision_tower('clip')
-class CLIPVisionTower(VisionTower): model_class, model_type = 'CLIPVisionModel', 'clip_vision_model'
+class CLIPVisionTower(VisionTower):
+    "CLIP's vision transformer (a CLS token, then patches)."
+    model_class, model_type = 'CLIPVisionModel', 'clip_vision_model'
 
 @register_vision_tower('siglip')
-class SiglipVisionTower(VisionTower): model_class, model_type, has_cls = 'SiglipVisionModel', 'siglip_vision_model', False
+class SiglipVisionTower(VisionTower):
+    "SigLIP's vision transformer (patches only, no CLS token)."
+    model_class, model_type, has_cls = 'SiglipVisionModel', 'siglip_vision_model', False
 
 @register_vision_tower('dinov2')
-class DINOv2VisionTower(VisionTower): model_class, model_type = 'Dinov2Model', 'dinov2'
+class DINOv2VisionTower(VisionTower):
+    "DINOv2 (a CLS token, then patches)."
+    model_class, model_type = 'Dinov2Model', 'dinov2'
 
-# %% ../../nbs/21_model.vision.ipynb #4fab1ffc
+# %% ../../nbs/21_model.vision.ipynb #969fdf1a
 class MoF(nn.Module):
     "CLIP and DINOv2 side by side."
     def __init__(self, config, config2):
@@ -108,7 +114,7 @@ class MoFVisionTower(VisionTower):
     @property
     def hidden_size(self) -> int: return self._vision_tower.clip.config.hidden_size
 
-# %% ../../nbs/21_model.vision.ipynb #aeb00d78
+# %% ../../nbs/21_model.vision.ipynb #4bd2288c
 def split_vision_path(name_or_path: str) -> tuple:
     "('mof', 'openai/clip-vit-large-patch14') for 'mof:openai/clip-vit-large-patch14'; (None, path) without a prefix."
     head, sep, tail = (name_or_path or '').partition(':')
