@@ -7,7 +7,7 @@ __all__ = ['SIZES', 'Row', 'compare', 'conversations', 'bench_encode', 'loop_mer
            'limit_loss', 'our_loss', 'llava_twin', 'llava_loss', 'saved_bytes', 'bench_train', 'bench_eval',
            'bench_data', 'skewed_samples', 'bench_packing', 'machine', 'run_bench']
 
-# %% ../nbs/70_bench.ipynb #d719ae6d
+# %% ../nbs/70_bench.ipynb #56357874
 import contextlib, io, json, os, platform, random, statistics, tempfile, time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +22,7 @@ from .infer import encode_question, generate_batch
 from .model.tinyllava import merge_image_features, toy_tinyllava
 from .toy import TOY_TEXT, toy_tokenizer
 
-# %% ../nbs/70_bench.ipynb #dfded6e5
+# %% ../nbs/70_bench.ipynb #1cc49ad2
 @dataclass
 class Row:
     "One benchmark result: a ratio, its target, and what was compared."
@@ -48,7 +48,7 @@ def compare(fns: dict, rounds: int = 5) -> dict:
             t = time.perf_counter(); f(); times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
-# %% ../nbs/70_bench.ipynb #6a8975ba
+# %% ../nbs/70_bench.ipynb #5e5496ae
 def conversations(n: int, seed: int = 0) -> list:
     "`n` LLaVA-style conversations of 1-4 rounds from the toy corpus' words; about half with an image."
     rng, words = random.Random(seed), TOY_TEXT.split()
@@ -72,7 +72,7 @@ def bench_encode(n: int = 300, rounds: int = 5) -> Row:
     return Row('encode: ours / tokenizer', s['ref'] / s['ours'], 0.8,
                detail=f"{n / s['ours']:,.0f} vs {n / s['ref']:,.0f} conversations/s")
 
-# %% ../nbs/70_bench.ipynb #0dd2bba2
+# %% ../nbs/70_bench.ipynb #fce55784
 def loop_merge(input_ids, attention_mask, labels, features, sizes, embed_tokens) -> tuple:
     "Reference: (inputs_embeds, attention_mask, labels) built sample by sample, right padded."
     rows, labs, k, start = [], [], 0, 0
@@ -123,7 +123,7 @@ def bench_merge(rounds: int = 5, **shape) -> Row:
     return Row('merge: loop / ours', s['ref'] / s['ours'], 5.0,
                detail=f"B={B}, ~{T} text + {int(sizes[0])} image tokens, hidden {feats.shape[1]}: {s['ours'] * 1e3:.1f} vs {s['ref'] * 1e3:.1f} ms")
 
-# %% ../nbs/70_bench.ipynb #97a2e27b
+# %% ../nbs/70_bench.ipynb #13477b33
 def train_parts(llm_hidden: int = 64, llm_layers: int = 2, vision_hidden: int = 32, vision_layers: int = 2,
                 image_size: int = 32, patch_size: int = 8, batch: int = 4, prompt: int = 24, answer: int = 40, seed: int = 0) -> tuple:
     "(model, tokenizer, batch dict) for a llama + clip + mlp2x_gelu model; every sample: prompt, image, answer."
@@ -152,7 +152,7 @@ def our_loss(model, b: dict) -> torch.Tensor:
     "Our model on the batch as the data pipeline makes it."
     return model(input_ids=b['input_ids'], attention_mask=b['attention_mask'], labels=b['labels'], images=b['images'], use_cache=False).loss
 
-# %% ../nbs/70_bench.ipynb #b100a288
+# %% ../nbs/70_bench.ipynb #12ceef74
 def llava_twin(model):
     "transformers' LlavaForConditionalGeneration with `model`'s configs and weights (vision tower frozen)."
     from transformers import LlavaConfig, LlavaForConditionalGeneration
@@ -195,7 +195,7 @@ def saved_bytes(loss_fn) -> int:
     loss.backward()
     return total
 
-# %% ../nbs/70_bench.ipynb #133d51c3
+# %% ../nbs/70_bench.ipynb #e7e524fc
 def bench_train(rounds: int = 5, name: str = 'toy', **size) -> list:
     "Two rows: our step / the limit's (overhead), our step / LLaVA's (and memory)."
     model, tok, b = train_parts(**size)
@@ -219,7 +219,7 @@ def bench_train(rounds: int = 5, name: str = 'toy', **size) -> list:
             Row(f'memory {name}: ours / LLaVA', mem['ours'] / mem['llava'], 1.0, False,
                 f"saved for backward {mem['ours'] / 2**20:.2f} vs {mem['llava'] / 2**20:.2f} MiB ({(mem['ours'] - mem['llava']) / 1024:+.1f} KB)")]
 
-# %% ../nbs/70_bench.ipynb #c2828df1
+# %% ../nbs/70_bench.ipynb #ba27bdbd
 def bench_eval(n: int = 32, batch: int = 16, new_tokens: int = 8, rounds: int = 3, **size) -> Row:
     "Answers/s at batch `batch` / answers/s at batch 1 (greedy, same answers)."
     from tinyllava_nb.world import draw, random_scene, questions
@@ -237,15 +237,12 @@ def bench_eval(n: int = 32, batch: int = 16, new_tokens: int = 8, rounds: int = 
     return Row(f'eval: batch {batch} / batch 1', s['single'] / s['batched'], 4.0,
                detail=f"{n / s['batched']:.0f} vs {n / s['single']:.0f} answers/s, {new_tokens} new tokens")
 
-# %% ../nbs/70_bench.ipynb #0e61216f
+# %% ../nbs/70_bench.ipynb #58274a15
 def bench_data(n_train: int = 256, batch: int = 32, steps: int = 4, rounds: int = 3, **size) -> Row:
     "Samples/s of dataset + collator / samples/s of training steps (forward, backward, AdamW) on the demo's model."
-    from tinyllava_nb.demo import Budget
+    from tinyllava_nb.demo import Budget, demo_model
     from tinyllava_nb.world import make_world
-    b = Budget(**size)
-    model, tok, proc = toy_tinyllava('phi', 'siglip', 'mlp2x_gelu', image_size=48, patch_size=b.patch_size, hidden_size=b.hidden_size,
-                                     num_hidden_layers=b.llm_layers, vision_hidden_size=b.vision_hidden_size, vision_layers=b.vision_layers,
-                                     vision_feature_layer=-1, vision_feature_select_strategy='cls_patch')
+    model, tok, proc = demo_model(budget=Budget(**size))
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):   # quiet progress bars
         world = make_world(tmp, n_train, 1, seed=0)
         ds = LazySupervisedDataset(world['finetune'], tok, 'phi', world['root'], ImagePreprocess(proc, 'pad'), model.num_image_tokens)
@@ -261,7 +258,7 @@ def bench_data(n_train: int = 256, batch: int = 32, steps: int = 4, rounds: int 
     return Row('data: loading / training', s['train'] / s['load'], 3.0,
                detail=f"{batch * steps / s['load']:.0f} vs {batch * steps / s['train']:.0f} samples/s, batch {batch}")
 
-# %% ../nbs/70_bench.ipynb #8009b8cf
+# %% ../nbs/70_bench.ipynb #8a0eed0d
 def skewed_samples(n: int, image_size: int, seed: int = 0, short=(16, 64), long=(256, 512), p_long: float = 0.2) -> list:
     "Samples (input_ids, labels, images): 1 in 5 long, about a third with an image; the answer is the last half."
     g = random.Random(seed)
@@ -298,7 +295,7 @@ def bench_packing(n: int = 64, batch: int = 8, rounds: int = 3, llm_hidden: int 
     return Row('packing: packed / padded', s['padded'] / s['packed'], 1.5,
                detail=f"{tokens / s['packed']:,.0f} vs {tokens / s['padded']:,.0f} tokens/s; padded batches ~{cells / tokens:.1f}x the real tokens")
 
-# %% ../nbs/70_bench.ipynb #8917e142
+# %% ../nbs/70_bench.ipynb #06e320f1
 SIZES = {
     'tiny': dict(encode=dict(n=20, rounds=1), merge=dict(rounds=1, batch=2, text=40, image_tokens=16, hidden=32, vocab=128),
                  train=[dict(rounds=1, name='toy')], eval=dict(n=4, batch=2, new_tokens=2, rounds=1),
