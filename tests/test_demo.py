@@ -10,8 +10,8 @@ def test_demo_fast(tmp_path):
     assert 'written to' in r.stdout.splitlines()[-1]
     m = json.loads((out / 'metrics.json').read_text())
     colour, count = m['question_types']['colour'], m['question_types']['count']
-    assert colour['accuracy'] > colour['chance'] + 0.3, colour          # measured: 76% against 17% chance
-    assert count['accuracy'] > count['chance'] + 0.1, count             # measured: 58% against 33% chance
+    assert colour['accuracy'] > colour['chance'] + 0.3, colour          # measured: 67% against 17% chance
+    assert count['accuracy'] > count['chance'] + 0.1, count             # measured: 54% against 33% chance
     for f in ('loss.png', 'predictions.png', 'model/model.safetensors', 'model/tokenizer.json'):
         assert (out / f).exists(), f
     again = subprocess.run(['tinyllava-nb', 'demo', '--fast', '--output-dir', str(out)], capture_output=True, text=True, timeout=60)

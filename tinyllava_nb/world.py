@@ -4,17 +4,18 @@
 
 # %% auto #0
 __all__ = ['COLOURS', 'SHAPES', 'NUMBERS', 'VQA_SUFFIX', 'CHANCE', 'Thing', 'random_scene', 'draw', 'caption', 'questions',
-           'make_world']
+           'label_map', 'patch_labels', 'make_world']
 
-# %% ../nbs/60_world.ipynb #5951fc7a
+# %% ../nbs/60_world.ipynb #d2799364
 import json, random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-# %% ../nbs/60_world.ipynb #9a3018c9
+# %% ../nbs/60_world.ipynb #2df1c945
 COLOURS = dict(red=(215, 40, 40), green=(40, 165, 60), blue=(40, 80, 215), yellow=(235, 200, 30), purple=(140, 60, 185), orange=(240, 135, 25))
 SHAPES = ('circle', 'square', 'triangle', 'cross')
 NUMBERS = ('zero', 'one', 'two', 'three')
@@ -44,23 +45,26 @@ def random_scene(rng: random.Random, size: int = 48, max_things: int = 3) -> lis
         things.append(Thing(kind[0], kind[1], box)); kinds.add(kind)
     return things
 
+def _paint(d: ImageDraw.ImageDraw, t: Thing, fill):
+    "Draw one shape's pixels in `fill`."
+    x0, y0, x1, y1 = t.box
+    if t.shape == 'circle': d.ellipse(t.box, fill=fill)
+    elif t.shape == 'square': d.rectangle(t.box, fill=fill)
+    elif t.shape == 'triangle': d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    else:
+        w = max(2, (x1 - x0) // 3)
+        d.rectangle((x0, (y0 + y1) / 2 - w / 2, x1, (y0 + y1) / 2 + w / 2), fill=fill)
+        d.rectangle(((x0 + x1) / 2 - w / 2, y0, (x0 + x1) / 2 + w / 2, y1), fill=fill)
+
 def draw(things: list, size: int = 48, rng: random.Random = None) -> Image.Image:
     "The picture: a light background (a little noise if `rng`), then each shape."
     bg = tuple(235 + (rng.randint(-15, 15) if rng else 0) for _ in range(3))
     img = Image.new('RGB', (size, size), bg)
     d = ImageDraw.Draw(img)
-    for t in things:
-        x0, y0, x1, y1 = t.box; c = COLOURS[t.colour]
-        if t.shape == 'circle': d.ellipse(t.box, fill=c)
-        elif t.shape == 'square': d.rectangle(t.box, fill=c)
-        elif t.shape == 'triangle': d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=c)
-        else:
-            w = max(2, (x1 - x0) // 3)
-            d.rectangle((x0, (y0 + y1) / 2 - w / 2, x1, (y0 + y1) / 2 + w / 2), fill=c)
-            d.rectangle(((x0 + x1) / 2 - w / 2, y0, (x0 + x1) / 2 + w / 2, y1), fill=c)
+    for t in things: _paint(d, t, COLOURS[t.colour])
     return img
 
-# %% ../nbs/60_world.ipynb #fc339f99
+# %% ../nbs/60_world.ipynb #fffb4e9c
 def caption(things: list) -> str:
     "'A red circle and a blue square.'"
     names = [f'a {t.name}' for t in things]
@@ -82,11 +86,30 @@ def questions(things: list, rng: random.Random) -> list:
                 out.append(('position', f'Is the {b.name} left or right of the {a.name}?', 'Right.'))
     present = rng.choice(things)
     absent = rng.choice([(s, c) for s in SHAPES for c in COLOURS if (s, c) not in {(t.shape, t.colour) for t in things}])
-    out.append(('exist', f'Is there a {present.name}?', 'Yes.'))
-    out.append(('exist', f'Is there a {absent[1]} {absent[0]}?', 'No.'))
+    where = rng.choice(['', ' in the image', ' in this image'])
+    out.append(('exist', f'Is there a {present.name}{where}?', 'Yes.'))
+    out.append(('exist', f'Is there a {absent[1]} {absent[0]}{where}?', 'No.'))
     return out
 
-# %% ../nbs/60_world.ipynb #5cd9f210
+# %% ../nbs/60_world.ipynb #a8f657ff
+def label_map(things: list, size: int = 48) -> np.ndarray:
+    "[size, size] ints: 0 for background, i + 1 where `things[i]` is drawn."
+    img = Image.new('L', (size, size), 0)
+    d = ImageDraw.Draw(img)
+    for i, t in enumerate(things): _paint(d, t, i + 1)
+    return np.asarray(img)
+
+def patch_labels(things: list, patch_size: int, size: int = 48) -> tuple:
+    "(shape, colour) fractions per patch, row by row: [patches, 1 + len(SHAPES)] and [patches, 1 + len(COLOURS)]; column 0 is background."
+    if size % patch_size: raise ValueError(f"patch_size {patch_size} does not divide the picture's size {size}")
+    g = size // patch_size
+    blocks = label_map(things, size).reshape(g, patch_size, g, patch_size).transpose(0, 2, 1, 3).reshape(g * g, -1)
+    shape_of = np.array([0] + [1 + SHAPES.index(t.shape) for t in things])
+    colour_of = np.array([0] + [1 + list(COLOURS).index(t.colour) for t in things])
+    frac = lambda ids, k: np.stack([(ids[blocks] == c).mean(1) for c in range(k)], 1).astype(np.float32)
+    return frac(shape_of, 1 + len(SHAPES)), frac(colour_of, 1 + len(COLOURS))
+
+# %% ../nbs/60_world.ipynb #3df7325e
 VQA_SUFFIX = 'Answer the question using a single word or phrase.'
 
 def _pope_absent(things, kind, rng):
@@ -101,10 +124,11 @@ def make_world(output_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0
     "Write a shapes world (images, training data, held-out benchmark files) to `output_dir`; return its paths."
     out, rng = Path(output_dir), random.Random(seed)
     (out / 'images').mkdir(parents=True, exist_ok=True); (out / 'eval' / 'pope').mkdir(parents=True, exist_ok=True)
-    pretrain, finetune = [], []
+    pretrain, finetune, scenes = [], [], []
     for i in tqdm(range(n_train), desc='world: training images', leave=False):
         things = random_scene(rng, size); name = f'images/train_{i}.png'
         draw(things, size, rng).save(out / name)
+        scenes.append(dict(image=name, things=[[t.shape, t.colour, list(t.box)] for t in things]))
         pretrain.append({'id': f'cap{i}', 'image': name, 'conversations': [
             {'from': 'human', 'value': '<image>\n' + rng.choice(['Describe the image briefly.', 'What do you see?', 'Give a short caption.'])},
             {'from': 'gpt', 'value': caption(things)}]})
@@ -148,13 +172,14 @@ def make_world(output_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0
             mme_q += [dict(question_id=f'{task}/{i}.png', image=f'{task}/{i}.png', text=f'{q} Please answer yes or no.') for q, _ in pair]
     w = lambda p, rows: (out / p).write_text(''.join(json.dumps(r) + '\n' for r in rows))
     (out / 'pretrain.json').write_text(json.dumps(pretrain)); (out / 'finetune.json').write_text(json.dumps(finetune))
+    (out / 'scenes.json').write_text(json.dumps(scenes))
     w('eval/vqa_questions.jsonl', vqa_q); (out / 'eval' / 'vqa_gt.json').write_text(json.dumps(vqa_gt))
     w('eval/pope_questions.jsonl', pope_q); w('eval/mme_questions.jsonl', mme_q)
     for kind, labels in pope_labels.items():
         (out / 'eval' / 'pope' / f'coco_pope_{kind}.json').write_text(''.join(json.dumps({'label': l}) + '\n' for l in labels))
-    return dict(root=out, pretrain=out / 'pretrain.json', finetune=out / 'finetune.json', vqa_questions=out / 'eval/vqa_questions.jsonl',
+    return dict(root=out, pretrain=out / 'pretrain.json', finetune=out / 'finetune.json', scenes=out / 'scenes.json', vqa_questions=out / 'eval/vqa_questions.jsonl',
                 vqa_gt=out / 'eval/vqa_gt.json', pope_questions=out / 'eval/pope_questions.jsonl', pope_dir=out / 'eval/pope',
                 mme_questions=out / 'eval/mme_questions.jsonl', mme_dir=out / 'eval/MME')
 
-# %% ../nbs/60_world.ipynb #56ae88e7
+# %% ../nbs/60_world.ipynb #16ead427
 CHANCE = dict(colour=1 / len(COLOURS), shape=1 / len(SHAPES), count=1 / 3, position=1 / 2, exist=1 / 2)
