@@ -94,7 +94,7 @@ def patch_dataset(world: dict, image_processor, patch_size: int) -> list:
         rows.append(dict(pixel_values=px, shape=torch.from_numpy(shape), colour=torch.from_numpy(colour)))
     return rows
 
-def pretrain_vision_tower(model, image_processor, world: dict, out, b: 'Budget', seed: int = 0) -> PatchLabeller:
+def pretrain_vision_tower(model, image_processor, world: dict, out, b: Budget, seed: int = 0) -> PatchLabeller:
     "Stage 0: train `model`'s vision tower (and a throw-away head) on the world's per-patch labels; the tower is frozen again after."
     labeller = PatchLabeller(model)
     model.vision_tower.requires_grad_(True)
