@@ -10,7 +10,7 @@ def test_demo_fast(tmp_path):
     assert 'written to' in r.stdout.splitlines()[-1]
     m = json.loads((out / 'metrics.json').read_text())
     colour, count = m['question_types']['colour'], m['question_types']['count']
-    assert colour['accuracy'] > colour['chance'] + 0.3, colour          # measured: 67% against 17% chance
+    assert colour['accuracy'] > colour['chance'] + 0.3, colour          # measured: 68.5% against 17% chance (100% with one shape)
     assert count['accuracy'] > count['chance'] + 0.1, count             # measured: 54% against 33% chance
     for f in ('loss.png', 'predictions.png', 'model/model.safetensors', 'model/tokenizer.json'):
         assert (out / f).exists(), f

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['BUDGETS', 'Budget', 'check_demo_args', 'demo_model', 'PatchLabeller', 'patch_dataset', 'pretrain_vision_tower',
-           'demo', 'format_metrics', 'plot_losses', 'plot_predictions']
+           'accuracy_by_shapes', 'demo', 'format_metrics', 'plot_losses', 'plot_predictions']
 
-# %% ../nbs/61_demo.ipynb #7707302a
+# %% ../nbs/61_demo.ipynb #44fca9c9
 import json, time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ from .toy import toy_tokenizers, toy_vision
 from .train.run import LossPrinter, main as train_main
 from .world import CHANCE, COLOURS, SHAPES, Thing, make_world, patch_labels
 
-# %% ../nbs/61_demo.ipynb #ba390b2b
+# %% ../nbs/61_demo.ipynb #873c71be
 @dataclass
 class Budget:
     "How much world and training the demo spends."
@@ -46,7 +46,7 @@ class Budget:
 
 BUDGETS = dict(default=Budget(), fast=Budget(n_train=1000, n_eval=100, vision_steps=300, pretrain_steps=50, finetune_steps=500))
 
-# %% ../nbs/61_demo.ipynb #d1905694
+# %% ../nbs/61_demo.ipynb #bcd28034
 def check_demo_args(output_dir, llm: str, vision: str, connector: str, overwrite: bool):
     "Raise a clear error for an unknown part or an output directory with results in it."
     toy_tokenizers[llm]                       # unknown names list the registered ones
@@ -56,7 +56,7 @@ def check_demo_args(output_dir, llm: str, vision: str, connector: str, overwrite
     if (Path(output_dir) / 'metrics.json').exists() and not overwrite:
         raise ValueError(f"{output_dir} already holds demo results (metrics.json): pass --overwrite to replace them, or choose another --output-dir")
 
-# %% ../nbs/61_demo.ipynb #2bb151b6
+# %% ../nbs/61_demo.ipynb #33a17477
 def demo_model(llm: str = 'phi', vision: str = 'siglip', connector: str = 'mlp2x_gelu', budget: Budget = None, seed: int = 0) -> tuple:
     "(model, tokenizer, image processor): the demo's random toy TinyLLaVA at `budget`'s sizes."
     b = budget or Budget()
@@ -64,7 +64,7 @@ def demo_model(llm: str = 'phi', vision: str = 'siglip', connector: str = 'mlp2x
                          num_hidden_layers=b.llm_layers, vision_hidden_size=b.vision_hidden_size, vision_layers=b.vision_layers,
                          seed=seed, vision_feature_layer=-1, vision_feature_select_strategy='cls_patch', image_aspect_ratio='pad')
 
-# %% ../nbs/61_demo.ipynb #c14fd905
+# %% ../nbs/61_demo.ipynb #569f6b10
 class PatchLabeller(nn.Module):
     "A TinyLLaVA's vision tower with a linear head that names, for every patch, its shape and colour (the demo's stage 0)."
     def __init__(self, model):
@@ -108,7 +108,7 @@ def pretrain_vision_tower(model, image_processor, world: dict, out, b: Budget, s
     model.vision_tower.requires_grad_(False)
     return labeller
 
-# %% ../nbs/61_demo.ipynb #6cb0c6fc
+# %% ../nbs/61_demo.ipynb #26449ccf
 def _stage(name, init, data, conv, steps, out, world, b: Budget, seed: int, vision_lr: float = None):
     tower = ['--tune_type_vision_tower', 'frozen'] if vision_lr is None else ['--tune_type_vision_tower', 'full', '--vision_tower_lr', str(vision_lr)]
     args = ['--pretrained_model_path', str(init), '--data_path', str(data), '--image_folder', str(world), '--conv_version', conv,
@@ -119,6 +119,18 @@ def _stage(name, init, data, conv, steps, out, world, b: Budget, seed: int, visi
     print(f"== {name}: {steps} steps")
     t = time.time(); train_main(args)
     return time.time() - t
+
+def _right(text: str, truth: str) -> bool: return text.rstrip('.').lower() == truth    # score_gqa's rule
+
+def accuracy_by_shapes(world: dict, answers) -> dict:
+    "{question type: {shapes in the picture ('1'..'3', JSON's keys): accuracy}}: does the model tell *which* shape is which, or only what is there?"
+    n = {sc['image']: len(sc['things']) for sc in json.loads(Path(world['eval_scenes']).read_text())}
+    qs = {q['question_id']: q for q in map(json.loads, Path(world['vqa_questions']).read_text().splitlines())}
+    gt, hits = json.loads(Path(world['vqa_gt']).read_text()), {}
+    for a in map(json.loads, Path(answers).read_text().splitlines()):
+        q = qs[a['question_id']]
+        hits.setdefault(q['type'], {}).setdefault(str(n[q['image']]), []).append(_right(a['text'], gt[a['question_id']]['answer']))
+    return {t: {k: sum(v) / len(v) for k, v in sorted(by_n.items())} for t, by_n in sorted(hits.items())}
 
 def demo(output_dir='runs/demo', llm: str = 'phi', vision: str = 'siglip', connector: str = 'mlp2x_gelu', seed: int = 0,
          fast: bool = False, overwrite: bool = False, budget: Budget = None) -> dict:
@@ -144,7 +156,8 @@ def demo(output_dir='runs/demo', llm: str = 'phi', vision: str = 'siglip', conne
     times['evaluate'] = time.time() - t
     vqa = score_gqa(world['vqa_gt'], out / 'eval' / 'gqa_answers.jsonl')
     metrics = dict(question_types={k: dict(accuracy=v / 100, chance=CHANCE[k]) for k, v in sorted(vqa['per_semantic_type'].items())},
-                   vqa_overall=vqa['accuracy'] / 100, pope=score_pope(world['pope_dir'], world['pope_questions'], out / 'eval' / 'pope_answers.jsonl'),
+                   vqa_overall=vqa['accuracy'] / 100, by_shapes=accuracy_by_shapes(world, out / 'eval' / 'gqa_answers.jsonl'),
+                   pope=score_pope(world['pope_dir'], world['pope_questions'], out / 'eval' / 'pope_answers.jsonl'),
                    mme=score_mme(out / 'eval' / 'mme_answers.jsonl', world['mme_dir']), seconds=times,
                    config=dict(llm=llm, vision=vision, connector=connector, seed=seed, budget=asdict(b)))
     (out / 'metrics.json').write_text(json.dumps(metrics, indent=1))
@@ -156,11 +169,12 @@ def demo(output_dir='runs/demo', llm: str = 'phi', vision: str = 'siglip', conne
           f"(try: tinyllava-nb chat --model-path {out / 'model'} --image-file {out / 'world' / 'images' / 'eval_0.png'})")
     return metrics
 
-# %% ../nbs/61_demo.ipynb #d04444ac
+# %% ../nbs/61_demo.ipynb #76b8e834
 def format_metrics(m: dict) -> str:
     "The demo's table."
-    lines = [f"{'question type':14} {'accuracy':>9} {'chance':>7}"]
-    lines += [f"{k:14} {v['accuracy']:>9.1%} {v['chance']:>7.1%}" for k, v in m['question_types'].items()]
+    lines = [f"{'question type':14} {'accuracy':>9} {'chance':>7}   {'1 shape':>8} {'2 shapes':>8} {'3 shapes':>8}"]
+    by_n = lambda k: ' '.join(f"{m['by_shapes'][k][n]:>8.1%}" if n in m['by_shapes'][k] else f"{'-':>8}" for n in '123')
+    lines += [f"{k:14} {v['accuracy']:>9.1%} {v['chance']:>7.1%}   {by_n(k)}" for k, v in m['question_types'].items()]
     lines += ['', f"{'POPE':14} {'acc':>7} {'prec':>7} {'recall':>7} {'F1':>7} {'yes':>6}   (chance F1 0.67 if always yes)"]
     for c, p in m['pope']['categories'].items():
         lines.append(f"{c:14} {p['accuracy']:>7.3f} {p['precision']:>7.3f} {p['recall']:>7.3f} {p['f1']:>7.3f} {p['yes_ratio']:>6.2f}")
@@ -169,7 +183,7 @@ def format_metrics(m: dict) -> str:
     lines += ['', 'seconds: ' + ', '.join(f"{k} {v:.0f}" for k, v in m['seconds'].items())]
     return '\n'.join(lines)
 
-# %% ../nbs/61_demo.ipynb #41635efc
+# %% ../nbs/61_demo.ipynb #1d329251
 def plot_losses(out):
     "The three stages' loss curves, from the trainer states."
     import matplotlib.pyplot as plt
@@ -192,6 +206,6 @@ def plot_predictions(out, world, n: int = 8):
     for ax, a in zip(axs, answers):
         q, truth = qs[a['question_id']], gt[a['question_id']]['answer']
         ax.imshow(Image.open(Path(world['root']) / q['image'])); ax.axis('off')
-        ok = a['text'].rstrip('.').lower() == truth
-        ax.set_title(f"{gt[a['question_id']]['question']}\nanswer: {truth}\nmodel: {a['text']}", fontsize=6, color='green' if ok else 'red')
+        ax.set_title(f"{gt[a['question_id']]['question']}\nanswer: {truth}\nmodel: {a['text']}", fontsize=6,
+                     color='green' if _right(a['text'], truth) else 'red')
     return fig

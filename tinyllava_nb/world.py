@@ -6,7 +6,7 @@
 __all__ = ['COLOURS', 'SHAPES', 'NUMBERS', 'VQA_SUFFIX', 'CHANCE', 'Thing', 'random_scene', 'draw', 'caption', 'questions',
            'label_map', 'patch_labels', 'make_world']
 
-# %% ../nbs/60_world.ipynb #d2799364
+# %% ../nbs/60_world.ipynb #eb113270
 import json, random
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-# %% ../nbs/60_world.ipynb #2df1c945
+# %% ../nbs/60_world.ipynb #0eac1820
 COLOURS = dict(red=(215, 40, 40), green=(40, 165, 60), blue=(40, 80, 215), yellow=(235, 200, 30), purple=(140, 60, 185), orange=(240, 135, 25))
 SHAPES = ('circle', 'square', 'triangle', 'cross')
 NUMBERS = ('zero', 'one', 'two', 'three')
@@ -64,7 +64,7 @@ def draw(things: list, size: int = 48, rng: random.Random = None) -> Image.Image
     for t in things: _paint(d, t, COLOURS[t.colour])
     return img
 
-# %% ../nbs/60_world.ipynb #fffb4e9c
+# %% ../nbs/60_world.ipynb #93c9e36e
 def caption(things: list) -> str:
     "'A red circle and a blue square.'"
     names = [f'a {t.name}' for t in things]
@@ -91,7 +91,7 @@ def questions(things: list, rng: random.Random) -> list:
     out.append(('exist', f'Is there a {absent[1]} {absent[0]}{where}?', 'No.'))
     return out
 
-# %% ../nbs/60_world.ipynb #a8f657ff
+# %% ../nbs/60_world.ipynb #d2fa3ca0
 def label_map(things: list, size: int = 48) -> np.ndarray:
     "[size, size] ints: 0 for background, i + 1 where `things[i]` is drawn."
     img = Image.new('L', (size, size), 0)
@@ -109,7 +109,7 @@ def patch_labels(things: list, patch_size: int, size: int = 48) -> tuple:
     frac = lambda ids, k: np.stack([(ids[blocks] == c).mean(1) for c in range(k)], 1).astype(np.float32)
     return frac(shape_of, 1 + len(SHAPES)), frac(colour_of, 1 + len(COLOURS))
 
-# %% ../nbs/60_world.ipynb #3df7325e
+# %% ../nbs/60_world.ipynb #316a7321
 VQA_SUFFIX = 'Answer the question using a single word or phrase.'
 
 def _pope_absent(things, kind, rng):
@@ -124,11 +124,12 @@ def make_world(output_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0
     "Write a shapes world (images, training data, held-out benchmark files) to `output_dir`; return its paths."
     out, rng = Path(output_dir), random.Random(seed)
     (out / 'images').mkdir(parents=True, exist_ok=True); (out / 'eval' / 'pope').mkdir(parents=True, exist_ok=True)
-    pretrain, finetune, scenes = [], [], []
+    pretrain, finetune, scenes, eval_scenes = [], [], [], []
+    scene = lambda name, things: dict(image=name, things=[[t.shape, t.colour, list(t.box)] for t in things])
     for i in tqdm(range(n_train), desc='world: training images', leave=False):
         things = random_scene(rng, size); name = f'images/train_{i}.png'
         draw(things, size, rng).save(out / name)
-        scenes.append(dict(image=name, things=[[t.shape, t.colour, list(t.box)] for t in things]))
+        scenes.append(scene(name, things))
         pretrain.append({'id': f'cap{i}', 'image': name, 'conversations': [
             {'from': 'human', 'value': '<image>\n' + rng.choice(['Describe the image briefly.', 'What do you see?', 'Give a short caption.'])},
             {'from': 'gpt', 'value': caption(things)}]})
@@ -147,7 +148,7 @@ def make_world(output_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0
     (out / 'eval' / 'MME' / 'existence').mkdir(parents=True, exist_ok=True); (out / 'eval' / 'MME' / 'color').mkdir(parents=True, exist_ok=True)
     for i in tqdm(range(n_eval), desc='world: held-out images', leave=False):
         things = random_scene(rng, size); name = f'images/eval_{i}.png'
-        img = draw(things, size, rng); img.save(out / name)
+        img = draw(things, size, rng); img.save(out / name); eval_scenes.append(scene(name, things))
         by_type = {}
         for t, q, a in questions(things, rng): by_type.setdefault(t, []).append((q, a))
         for t, qa in sorted(by_type.items()):
@@ -172,14 +173,15 @@ def make_world(output_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0
             mme_q += [dict(question_id=f'{task}/{i}.png', image=f'{task}/{i}.png', text=f'{q} Please answer yes or no.') for q, _ in pair]
     w = lambda p, rows: (out / p).write_text(''.join(json.dumps(r) + '\n' for r in rows))
     (out / 'pretrain.json').write_text(json.dumps(pretrain)); (out / 'finetune.json').write_text(json.dumps(finetune))
-    (out / 'scenes.json').write_text(json.dumps(scenes))
+    (out / 'scenes.json').write_text(json.dumps(scenes)); (out / 'eval' / 'scenes.json').write_text(json.dumps(eval_scenes))
     w('eval/vqa_questions.jsonl', vqa_q); (out / 'eval' / 'vqa_gt.json').write_text(json.dumps(vqa_gt))
     w('eval/pope_questions.jsonl', pope_q); w('eval/mme_questions.jsonl', mme_q)
     for kind, labels in pope_labels.items():
         (out / 'eval' / 'pope' / f'coco_pope_{kind}.json').write_text(''.join(json.dumps({'label': l}) + '\n' for l in labels))
-    return dict(root=out, pretrain=out / 'pretrain.json', finetune=out / 'finetune.json', scenes=out / 'scenes.json', vqa_questions=out / 'eval/vqa_questions.jsonl',
+    return dict(root=out, pretrain=out / 'pretrain.json', finetune=out / 'finetune.json', scenes=out / 'scenes.json',
+                eval_scenes=out / 'eval/scenes.json', vqa_questions=out / 'eval/vqa_questions.jsonl',
                 vqa_gt=out / 'eval/vqa_gt.json', pope_questions=out / 'eval/pope_questions.jsonl', pope_dir=out / 'eval/pope',
                 mme_questions=out / 'eval/mme_questions.jsonl', mme_dir=out / 'eval/MME')
 
-# %% ../nbs/60_world.ipynb #16ead427
+# %% ../nbs/60_world.ipynb #d98aa6f0
 CHANCE = dict(colour=1 / len(COLOURS), shape=1 / len(SHAPES), count=1 / 3, position=1 / 2, exist=1 / 2)
