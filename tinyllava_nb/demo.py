@@ -6,7 +6,7 @@
 __all__ = ['BUDGETS', 'Budget', 'check_demo_args', 'demo_model', 'PatchLabeller', 'patch_dataset', 'pretrain_vision_tower',
            'accuracy_by_shapes', 'demo', 'format_metrics', 'plot_losses', 'plot_predictions']
 
-# %% ../nbs/61_demo.ipynb #44fca9c9
+# %% ../nbs/61_demo.ipynb #7707302a
 import json, time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +24,7 @@ from .toy import toy_tokenizers, toy_vision
 from .train.run import LossPrinter, main as train_main
 from .world import CHANCE, COLOURS, SHAPES, Thing, make_world, patch_labels
 
-# %% ../nbs/61_demo.ipynb #873c71be
+# %% ../nbs/61_demo.ipynb #ba390b2b
 @dataclass
 class Budget:
     "How much world and training the demo spends."
@@ -46,7 +46,7 @@ class Budget:
 
 BUDGETS = dict(default=Budget(), fast=Budget(n_train=1000, n_eval=100, vision_steps=300, pretrain_steps=50, finetune_steps=500))
 
-# %% ../nbs/61_demo.ipynb #bcd28034
+# %% ../nbs/61_demo.ipynb #d1905694
 def check_demo_args(output_dir, llm: str, vision: str, connector: str, overwrite: bool):
     "Raise a clear error for an unknown part or an output directory with results in it."
     toy_tokenizers[llm]                       # unknown names list the registered ones
@@ -56,7 +56,7 @@ def check_demo_args(output_dir, llm: str, vision: str, connector: str, overwrite
     if (Path(output_dir) / 'metrics.json').exists() and not overwrite:
         raise ValueError(f"{output_dir} already holds demo results (metrics.json): pass --overwrite to replace them, or choose another --output-dir")
 
-# %% ../nbs/61_demo.ipynb #33a17477
+# %% ../nbs/61_demo.ipynb #2bb151b6
 def demo_model(llm: str = 'phi', vision: str = 'siglip', connector: str = 'mlp2x_gelu', budget: Budget = None, seed: int = 0) -> tuple:
     "(model, tokenizer, image processor): the demo's random toy TinyLLaVA at `budget`'s sizes."
     b = budget or Budget()
@@ -64,7 +64,7 @@ def demo_model(llm: str = 'phi', vision: str = 'siglip', connector: str = 'mlp2x
                          num_hidden_layers=b.llm_layers, vision_hidden_size=b.vision_hidden_size, vision_layers=b.vision_layers,
                          seed=seed, vision_feature_layer=-1, vision_feature_select_strategy='cls_patch', image_aspect_ratio='pad')
 
-# %% ../nbs/61_demo.ipynb #569f6b10
+# %% ../nbs/61_demo.ipynb #c14fd905
 class PatchLabeller(nn.Module):
     "A TinyLLaVA's vision tower with a linear head that names, for every patch, its shape and colour (the demo's stage 0)."
     def __init__(self, model):
@@ -108,7 +108,7 @@ def pretrain_vision_tower(model, image_processor, world: dict, out, b: Budget, s
     model.vision_tower.requires_grad_(False)
     return labeller
 
-# %% ../nbs/61_demo.ipynb #26449ccf
+# %% ../nbs/61_demo.ipynb #6cb0c6fc
 def _stage(name, init, data, conv, steps, out, world, b: Budget, seed: int, vision_lr: float = None):
     tower = ['--tune_type_vision_tower', 'frozen'] if vision_lr is None else ['--tune_type_vision_tower', 'full', '--vision_tower_lr', str(vision_lr)]
     args = ['--pretrained_model_path', str(init), '--data_path', str(data), '--image_folder', str(world), '--conv_version', conv,
@@ -169,7 +169,7 @@ def demo(output_dir='runs/demo', llm: str = 'phi', vision: str = 'siglip', conne
           f"(try: tinyllava-nb chat --model-path {out / 'model'} --image-file {out / 'world' / 'images' / 'eval_0.png'})")
     return metrics
 
-# %% ../nbs/61_demo.ipynb #76b8e834
+# %% ../nbs/61_demo.ipynb #d04444ac
 def format_metrics(m: dict) -> str:
     "The demo's table."
     lines = [f"{'question type':14} {'accuracy':>9} {'chance':>7}   {'1 shape':>8} {'2 shapes':>8} {'3 shapes':>8}"]
@@ -183,7 +183,7 @@ def format_metrics(m: dict) -> str:
     lines += ['', 'seconds: ' + ', '.join(f"{k} {v:.0f}" for k, v in m['seconds'].items())]
     return '\n'.join(lines)
 
-# %% ../nbs/61_demo.ipynb #1d329251
+# %% ../nbs/61_demo.ipynb #41635efc
 def plot_losses(out):
     "The three stages' loss curves, from the trainer states."
     import matplotlib.pyplot as plt

@@ -6,7 +6,7 @@
 __all__ = ['COLOURS', 'SHAPES', 'NUMBERS', 'VQA_SUFFIX', 'CHANCE', 'Thing', 'random_scene', 'draw', 'caption', 'questions',
            'label_map', 'patch_labels', 'make_world']
 
-# %% ../nbs/60_world.ipynb #eb113270
+# %% ../nbs/60_world.ipynb #d2799364
 import json, random
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-# %% ../nbs/60_world.ipynb #0eac1820
+# %% ../nbs/60_world.ipynb #2df1c945
 COLOURS = dict(red=(215, 40, 40), green=(40, 165, 60), blue=(40, 80, 215), yellow=(235, 200, 30), purple=(140, 60, 185), orange=(240, 135, 25))
 SHAPES = ('circle', 'square', 'triangle', 'cross')
 NUMBERS = ('zero', 'one', 'two', 'three')
@@ -64,7 +64,7 @@ def draw(things: list, size: int = 48, rng: random.Random = None) -> Image.Image
     for t in things: _paint(d, t, COLOURS[t.colour])
     return img
 
-# %% ../nbs/60_world.ipynb #93c9e36e
+# %% ../nbs/60_world.ipynb #fffb4e9c
 def caption(things: list) -> str:
     "'A red circle and a blue square.'"
     names = [f'a {t.name}' for t in things]
@@ -91,7 +91,7 @@ def questions(things: list, rng: random.Random) -> list:
     out.append(('exist', f'Is there a {absent[1]} {absent[0]}{where}?', 'No.'))
     return out
 
-# %% ../nbs/60_world.ipynb #d2fa3ca0
+# %% ../nbs/60_world.ipynb #a8f657ff
 def label_map(things: list, size: int = 48) -> np.ndarray:
     "[size, size] ints: 0 for background, i + 1 where `things[i]` is drawn."
     img = Image.new('L', (size, size), 0)
@@ -109,7 +109,7 @@ def patch_labels(things: list, patch_size: int, size: int = 48) -> tuple:
     frac = lambda ids, k: np.stack([(ids[blocks] == c).mean(1) for c in range(k)], 1).astype(np.float32)
     return frac(shape_of, 1 + len(SHAPES)), frac(colour_of, 1 + len(COLOURS))
 
-# %% ../nbs/60_world.ipynb #316a7321
+# %% ../nbs/60_world.ipynb #3df7325e
 VQA_SUFFIX = 'Answer the question using a single word or phrase.'
 
 def _pope_absent(things, kind, rng):
@@ -183,5 +183,5 @@ def make_world(output_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0
                 vqa_gt=out / 'eval/vqa_gt.json', pope_questions=out / 'eval/pope_questions.jsonl', pope_dir=out / 'eval/pope',
                 mme_questions=out / 'eval/mme_questions.jsonl', mme_dir=out / 'eval/MME')
 
-# %% ../nbs/60_world.ipynb #d98aa6f0
+# %% ../nbs/60_world.ipynb #16ead427
 CHANCE = dict(colour=1 / len(COLOURS), shape=1 / len(SHAPES), count=1 / 3, position=1 / 2, exist=1 / 2)
