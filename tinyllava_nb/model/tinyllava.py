@@ -11,25 +11,31 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from fastcore.basics import patch
 from torch import nn
 import transformers
 from transformers import AutoConfig, AutoImageProcessor, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..data.template import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from .llm import llm_family, load_tokenizer
+from .llm import llm_family, load_tokenizer, read_config, read_config_json
 from .vision import split_vision_path, vision_config_of, vision_tower_name, vision_towers
 from .connector import build_connector
 
 # %% ../../nbs/23_model.tinyllava.ipynb #5f168fa8
-def _sub_config(data, name_or_path: str, vision: bool = False):
+def _sub_config(data, name_or_path: str, vision: bool = False, trust_remote_code: bool = False):
     "A config from stored data (a dict with `model_type`, or a config), else read from a directory / hub name."
     if isinstance(data, PretrainedConfig): return data
-    if isinstance(data, dict) and data.get('model_type'): return AutoConfig.for_model(**data)
-    if not name_or_path: return None
-    cfg = vision_config_of(name_or_path) if vision else AutoConfig.from_pretrained(name_or_path, trust_remote_code=True)
+    model_type = data.get('model_type') if isinstance(data, dict) else None
+    if model_type in CONFIG_MAPPING: return AutoConfig.for_model(**data)
+    if not name_or_path:
+        if model_type: raise ValueError(f"model_type {model_type!r} is not part of transformers, and no model path names its code")
+        return None
+    cfg = vision_config_of(name_or_path) if vision else read_config(name_or_path, trust_remote_code)
     return cfg.__class__.from_dict({**cfg.to_dict(), **(data or {})}) if data else cfg
+
 
 # %% ../../nbs/23_model.tinyllava.ipynb #6838c487
 class TinyLlavaConfig(PretrainedConfig):
@@ -53,11 +59,12 @@ class TinyLlavaConfig(PretrainedConfig):
                  tokenizer_padding_side: str = 'right',
                  pad_token: str = None, pad_token_id: int = None,
                  use_cache: bool = False,
+                 trust_remote_code: bool = False,          # may an LLM config's own code run (never stored)
                  **kwargs):
         self.llm_model_name_or_path, self.vision_model_name_or_path = llm_model_name_or_path, vision_model_name_or_path
         self.tokenizer_name_or_path = tokenizer_name_or_path or llm_model_name_or_path
         self.vision_model_name_or_path2, self.connector_type = vision_model_name_or_path2, connector_type
-        self.text_config = _sub_config(text_config, llm_model_name_or_path)
+        self.text_config = _sub_config(text_config, llm_model_name_or_path, trust_remote_code=trust_remote_code)
         self.vision_config = _sub_config(vision_config, vision_model_name_or_path, vision=True)
         self.vision_config2 = _sub_config(vision_config2, vision_model_name_or_path2, vision=True)
         self.vision_feature_layer, self.vision_feature_select_strategy = vision_feature_layer, vision_feature_select_strategy
@@ -145,9 +152,13 @@ class TinyLlavaPreTrainedModel(PreTrainedModel):
 
 class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel, GenerationMixin):
     "LLM + vision tower + connector; images are merged into the text embeddings for the whole batch at once."
-    def __init__(self, config: TinyLlavaConfig):
+    def __init__(self, config: TinyLlavaConfig, trust_remote_code: bool = False):
         super().__init__(config)
-        self.language_model = llm_family(config.text_config).build(config.text_config)
+        if config.text_config is None: raise ValueError("the config names no LLM: set text_config or llm_model_name_or_path")
+        if config.vision_config is None: raise ValueError("the config names no vision tower: set vision_config or vision_model_name_or_path")
+        family = llm_family(config.text_config)
+        self.language_model = family.build(config.text_config, trust_remote_code)
+        self.scale_image_features = family.scales_inputs_embeds   # Gemma: see "Gemma's scale" below
         self.vision_tower = vision_towers[config.vision_tower_type](config.vision_config, config.vision_config2)
         if self.vision_tower.hidden_size != config.vision_hidden_size:
             raise ValueError(f"vision_hidden_size {config.vision_hidden_size} != the vision tower's {self.vision_tower.hidden_size}")
@@ -176,6 +187,7 @@ def encode_images(self: TinyLlavaForConditionalGeneration, images) -> tuple:
     feats = self.vision_tower(pixels.to(device=first.device, dtype=first.dtype), self.config.vision_feature_layer,
                               self.config.vision_feature_select_strategy)
     feats = self.connector(feats)                                          # [sum tiles, K', D]
+    if self.scale_image_features: feats = feats * torch.tensor(self.config.text_config.hidden_size ** 0.5, dtype=feats.dtype)
     sizes = torch.full((len(pixels),), feats.shape[1], device=feats.device) if tiles is None else (tiles * feats.shape[1]).to(feats.device)
     return feats.flatten(0, 1), sizes
 
@@ -213,6 +225,10 @@ def generate(self: TinyLlavaForConditionalGeneration, input_ids=None, images=Non
     "Generate from prompts (left padded in a batch) and their images; returns only the new tokens."
     inputs = self.prepare_inputs(input_ids, attention_mask, None, images)
     inputs.pop('labels'); inputs.pop('position_ids', None)                 # generate derives positions from the mask
+    context, prompt = getattr(self.config.text_config, 'max_position_embeddings', None), inputs['inputs_embeds'].shape[1]
+    if context and prompt + kwargs.get('max_new_tokens', 0) > context:
+        raise ValueError(f"max_new_tokens {kwargs['max_new_tokens']} after a prompt of {prompt} positions (images included) "
+                         f"exceeds the LLM's context of {context}: ask for at most {context - prompt}")
     kwargs.setdefault('pad_token_id', self.config.pad_token_id)
     return self.language_model.generate(**inputs, **kwargs)
 
@@ -250,6 +266,15 @@ def save_pretrained_all(model, tokenizer, image_processor, path) -> Path:
 # %% ../../nbs/23_model.tinyllava.ipynb #8b58f25d
 def _load_bin(path) -> dict: return torch.load(path, map_location='cpu', weights_only=True)
 
+def _check_keys(where, missing: list, unexpected: list, tied=()):
+    "Raise an error naming the parts (language_model, vision_tower, connector) whose weights do not match."
+    missing, unexpected = sorted(k for k in missing if k not in tied and k.split('.', 1)[-1] not in tied), sorted(unexpected)
+    if not (missing or unexpected): return
+    part = lambda keys: sorted({k.split('.')[0] for k in keys})
+    raise ValueError(f"{where}: the weights do not fit the model. Missing: {len(missing)} in {part(missing)} "
+                     f"(e.g. {missing[:3]}); unexpected: {len(unexpected)} in {part(unexpected)} (e.g. {unexpected[:3]}). "
+                     "Was the config (connector_type, a part's size) changed after saving?")
+
 def load_stage_folders(model: TinyLlavaForConditionalGeneration, path) -> TinyLlavaForConditionalGeneration:
     "Load TinyLLaVA Factory's pretrain-stage layout: language_model/, vision_tower/, connector/ (pytorch_model.bin each)."
     path = Path(path)
@@ -258,40 +283,65 @@ def load_stage_folders(model: TinyLlavaForConditionalGeneration, path) -> TinyLl
         f = path / folder / 'pytorch_model.bin'
         if not f.exists(): raise FileNotFoundError(f"{f} is missing: not a TinyLLaVA Factory pretrain folder")
         missing, unexpected = module.load_state_dict(_load_bin(f), strict=False)
-        tied = set(getattr(module, 'all_tied_weights_keys', {}) or {})
-        missing = [k for k in missing if k not in tied]
-        if missing or unexpected: raise ValueError(f"{f}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        _check_keys(f, [f'{folder}.{k}' for k in missing], [f'{folder}.{k}' for k in unexpected],
+                    set(getattr(module, 'all_tied_weights_keys', {}) or {}))
     return model
 
-def load_pretrained(path, torch_dtype=None, device=None, merge_lora: bool = True) -> tuple:
+def _load_weights(path: Path, config, torch_dtype, trust_remote_code: bool):
+    "The model with the directory's weights; every weight file readable, every part's weights present and used."
+    for f in sorted(path.glob('*.safetensors')):
+        try:
+            with safe_open(f, 'pt'): pass
+        except Exception as e: raise OSError(f"{f} cannot be read ({e}): damaged, or not copied completely") from None
+    model, info = TinyLlavaForConditionalGeneration.from_pretrained(path, trust_remote_code, config=config, dtype=torch_dtype,
+                                                                    output_loading_info=True)
+    _check_keys(path, info['missing_keys'], info['unexpected_keys'], set(getattr(model, 'all_tied_weights_keys', {}) or {}))
+    return model
+
+def _tokenizer_of(path: Path, config):
+    "The directory's tokenizer, else the one its config names (which may be a hub name), with its family's rule."
+    args = (config.text_config, config.tokenizer_model_max_length, config.tokenizer_padding_side)
+    if (path / 'tokenizer_config.json').exists(): return load_tokenizer(str(path), *args)
+    name = config.tokenizer_name_or_path or config.llm_model_name_or_path
+    if not name: raise FileNotFoundError(f"{path} holds no tokenizer (tokenizer_config.json) and its config names none")
+    try: return load_tokenizer(name, *args)
+    except (OSError, ValueError) as e:
+        raise OSError(f"{path} holds no tokenizer (tokenizer_config.json), so it was looked for at {name!r}, and that "
+                      f"failed: {e}. Save the tokenizer into {path}") from None
+
+def _processor_of(path: Path, config):
+    "The directory's image processor, else the vision tower's published one, built from its stored config (offline)."
+    if not (path / 'preprocessor_config.json').exists():
+        return vision_towers[config.vision_tower_type].processor_for(config.vision_config)
+    try: return AutoImageProcessor.from_pretrained(path)
+    except Exception as e: raise ValueError(f"{path / 'preprocessor_config.json'} is not an image processor config ({e})") from None
+
+def load_pretrained(path, torch_dtype=None, device=None, merge_lora: bool = True, trust_remote_code: bool = False) -> tuple:
     "(model, tokenizer, image_processor) from a TinyLLaVA directory: ours, a LoRA run's, a released TinyLLaVA Factory one, or its pretrain folders."
     path = Path(path)
-    if (path / 'adapter_config.json').exists(): return _load_lora(path, torch_dtype, device, merge_lora)
-    config = TinyLlavaConfig.from_pretrained(path)
+    if (path / 'adapter_config.json').exists(): return _load_lora(path, torch_dtype, device, merge_lora, trust_remote_code)
+    data = read_config_json(path)
+    if data['model_type'] != 'tinyllava':
+        raise ValueError(f"{path} holds a {data['model_type']!r} model, not a TinyLLaVA one (config.json model_type 'tinyllava')")
+    config = TinyLlavaConfig(**data, trust_remote_code=trust_remote_code)
     if (path / 'connector' / 'pytorch_model.bin').exists():
-        model = load_stage_folders(TinyLlavaForConditionalGeneration(config), path)
+        model = load_stage_folders(TinyLlavaForConditionalGeneration(config, trust_remote_code), path)
         if torch_dtype is not None: model = model.to(torch_dtype)
-    else:
-        model = TinyLlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
+    else: model = _load_weights(path, config, torch_dtype, trust_remote_code)
     if device is not None: model = model.to(device)
-    has_tok = (path / 'tokenizer_config.json').exists()
-    tokenizer = load_tokenizer(str(path) if has_tok else config.tokenizer_name_or_path, config.text_config,
-                               config.tokenizer_model_max_length, config.tokenizer_padding_side)
-    has_proc = (path / 'preprocessor_config.json').exists()
-    vision_path = split_vision_path(config.vision_model_name_or_path)[1]
-    processor = AutoImageProcessor.from_pretrained(path if has_proc else vision_path) if (has_proc or vision_path) else None
+    tokenizer, processor = _tokenizer_of(path, config), _processor_of(path, config)
     model.vision_tower.image_processor = processor
     return model.eval(), tokenizer, processor
 
-def _load_lora(path: Path, torch_dtype, device, merge: bool) -> tuple:
+def _load_lora(path: Path, torch_dtype, device, merge: bool, trust_remote_code: bool) -> tuple:
     "A LoRA run: its base model (named in adapter_config.json) with the adapter applied, merged unless `merge=False`."
     from peft import PeftModel
     base = json.loads((path / 'adapter_config.json').read_text()).get('base_model_name_or_path')
     if not base or not (Path(base) / 'config.json').exists():
         raise FileNotFoundError(f"{path} is a LoRA adapter whose base model {base!r} is not a model directory")
-    model, tokenizer, processor = load_pretrained(base, torch_dtype, device)
+    model, tokenizer, processor = load_pretrained(base, torch_dtype, device, trust_remote_code=trust_remote_code)
     model = PeftModel.from_pretrained(model, path)
     if merge: model = model.merge_and_unload()
-    if (path / 'tokenizer_config.json').exists(): tokenizer = load_tokenizer(str(path), model.config.text_config,
-                                                                           model.config.tokenizer_model_max_length, model.config.tokenizer_padding_side)
+    if (path / 'tokenizer_config.json').exists(): tokenizer = _tokenizer_of(path, model.config)
     return model.eval(), tokenizer, processor
+

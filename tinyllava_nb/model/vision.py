@@ -30,6 +30,9 @@ class VisionTower(nn.Module):
     model_class = ''            # the vision model class in `transformers`
     model_type = ''             # `config.model_type` of the checkpoints this tower loads
     has_cls = True              # does the model put a CLS token first?
+    processor_class = 'CLIPImageProcessor'   # the image processor published with these towers
+    crop = True                 # resize the shortest edge, then centre-crop (CLIP, DINOv2); else resize to a square
+    processor_kwargs = {}       # what the published processor sets beyond its class's defaults
 
     def __init__(self, config, config2=None):
         super().__init__()
@@ -59,6 +62,15 @@ class VisionTower(nn.Module):
     @property
     def hidden_size(self) -> int: return self._vision_tower.config.hidden_size
 
+    @classmethod
+    def processor_for(cls, config, size: int = None, resize: int = None):
+        "The published image processor of this tower for `size` px (default: `config.image_size`), built offline."
+        size = size or config.image_size
+        proc = getattr(transformers, cls.processor_class + 'Pil', None) or getattr(transformers, cls.processor_class)
+        sizes = (dict(size={'shortest_edge': resize or size}, crop_size={'height': size, 'width': size}) if cls.crop
+                 else dict(size={'height': size, 'width': size}))
+        return proc(**sizes, **cls.processor_kwargs)
+
 vision_towers = Registry('vision tower')
 register_vision_tower = vision_towers.register
 
@@ -72,11 +84,20 @@ class CLIPVisionTower(VisionTower):
 class SiglipVisionTower(VisionTower):
     "SigLIP's vision transformer (patches only, no CLS token)."
     model_class, model_type, has_cls = 'SiglipVisionModel', 'siglip_vision_model', False
+    processor_class, crop = 'SiglipImageProcessor', False
 
 @register_vision_tower('dinov2')
 class DINOv2VisionTower(VisionTower):
     "DINOv2 (a CLS token, then patches)."
-    model_class, model_type = 'Dinov2Model', 'dinov2'
+    model_class, model_type, processor_class = 'Dinov2Model', 'dinov2', 'BitImageProcessor'
+    processor_kwargs = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])   # ImageNet's
+
+    @classmethod
+    def processor_for(cls, config, size: int = None, resize: int = None):
+        "DINOv2 checkpoints store their 518-px pretraining size; the published processor resizes to 256, then crops 224."
+        if size or config.image_size != 518: return super().processor_for(config, size, resize)
+        return super().processor_for(config, 224, 256)
+
 
 # %% ../../nbs/21_model.vision.ipynb #969fdf1a
 class MoF(nn.Module):
