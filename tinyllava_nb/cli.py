@@ -26,11 +26,12 @@ commands = Registry('command')
 
 def parse_command(argv: list) -> tuple:
     "(command name, its parsed arguments) for `tinyllava-nb ARGV`: a Namespace, or the raw list for a command that parses its own."
-    parser = argparse.ArgumentParser(prog='tinyllava-nb', description="TinyLLaVA, literate: train, evaluate and look inside small LLaVA models.")
+    parser = argparse.ArgumentParser(prog='tinyllava-nb', description="TinyLLaVA, literate: train, evaluate and look inside small LLaVA models.",
+                                     allow_abbrev=False)          # `--max_step` is not `--max_steps`: flags are exact
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
     for name in commands:
         cmd = commands[name]
-        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help, allow_abbrev=False)
         if cmd.add_args: cmd.add_args(p)
     if argv and argv[0] in commands and commands[argv[0]].add_args is None: return argv[0], list(argv[1:])
     args = parser.parse_args(argv)
@@ -40,7 +41,7 @@ def main(argv: list = None) -> int:
     "Entry point of the `tinyllava-nb` console script."
     name, args = parse_command(list(sys.argv[1:] if argv is None else argv))
     try: return commands[name].run(args) or 0
-    except (UnknownNameError, SampleError, ValueError) as e:   # the user's input: a clear message, no traceback
+    except (UnknownNameError, SampleError, ValueError, OSError) as e:   # the user's input: a clear message, no traceback
         if os.environ.get('TINYLLAVA_NB_TRACEBACK'): raise
         print(f"tinyllava-nb {name}: error: {e}\n(set TINYLLAVA_NB_TRACEBACK=1 to see the traceback)", file=sys.stderr)
         return 2
@@ -117,6 +118,8 @@ def _model_args(p):
     p.add_argument('--top_p', type=float, default=None)
     p.add_argument('--num_beams', type=int, default=1)
     p.add_argument('--max-new-tokens', '--max_new_tokens', type=int, default=None, dest='max_new_tokens')
+    p.add_argument('--trust_remote_code', '--trust-remote-code', action='store_true',
+                   help="allow the model's own Python code to run (OpenELM); off: no code from a model directory runs")
 
 def _chat_args(p):
     _model_args(p)
@@ -128,21 +131,27 @@ def _chat_args(p):
 def _chat_run(args):
     from transformers import TextStreamer
     from tinyllava_nb.model.tinyllava import load_pretrained
-    from tinyllava_nb.infer import chat
-    model, tok, proc = load_pretrained(args.model_path)
+    from tinyllava_nb.infer import chat, generation_kwargs
+    generation_kwargs(args.temperature, args.top_p, args.num_beams, args.max_new_tokens or 512)   # bad values: error now
+    model, tok, proc = load_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
     if args.gradio:
         from tinyllava_nb.infer import gradio_app
         gradio_app(model, tok, proc, args.conv_mode, args.max_new_tokens or 512).launch(server_port=args.port); return
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if args.num_beams == 1 else None  # beams end together
     kw = dict(conv_version=args.conv_mode, temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams,
-              max_new_tokens=args.max_new_tokens or 512, streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
-    if args.prompt is not None: chat(model, tok, proc, args.image_file, args.prompt, **kw); return
+              max_new_tokens=args.max_new_tokens or 512, streamer=streamer)
+    def ask(q, history=()):
+        a = chat(model, tok, proc, args.image_file, q, history=history, **kw)
+        if streamer is None: print(a)
+        return a
+    if args.prompt is not None: ask(args.prompt); return
     history = []
     while True:
         try: q = input('USER: ')
         except EOFError: break
         if not q.strip(): break
         print('ASSISTANT: ', end='', flush=True)
-        a = chat(model, tok, proc, args.image_file, q, history=history, **kw)
+        a = ask(q, history)
         history.append((('<image>\n' + q) if args.image_file and not history else q, a))
 
 def _eval_args(p):
@@ -157,7 +166,7 @@ def _eval_run(args):
     from tinyllava_nb.model.tinyllava import load_pretrained
     from tinyllava_nb.eval.run import benchmarks, run_benchmark
     benchmarks[args.benchmark]
-    model, tok, proc = load_pretrained(args.model_path)
+    model, tok, proc = load_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
     print(json.dumps(run_benchmark(args.benchmark, model, tok, proc, args.question_file, args.image_folder, args.answers_file,
                                    args.conv_mode, args.batch_size, args.max_new_tokens, args.temperature, args.top_p,
                                    args.num_beams, Path(args.model_path).name)))
@@ -178,7 +187,7 @@ def _bench_args(table):
     def add(p):
         sub = p.add_subparsers(dest='benchmark', required=True, metavar='BENCHMARK')
         for name, (_, flags) in table.items():
-            q = sub.add_parser(name)
+            q = sub.add_parser(name, allow_abbrev=False)
             for flag, required in flags: q.add_argument(flag, required=required)
     return add
 

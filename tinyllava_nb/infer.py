@@ -34,7 +34,11 @@ def image_preprocess_of(model, image_processor, image_aspect_ratio: str = None) 
 
 # %% ../nbs/40_infer.ipynb #c8a84a7b
 def generation_kwargs(temperature: float = 0.0, top_p: float = None, num_beams: int = 1, max_new_tokens: int = 128) -> dict:
-    "`generate` arguments: greedy when temperature is 0 (LLaVA's convention)."
+    "`generate` arguments: greedy when temperature is 0 (LLaVA's convention); out-of-range values are errors."
+    if temperature < 0: raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1: raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if num_beams < 1: raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if max_new_tokens < 1: raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     kw = dict(do_sample=temperature > 0, num_beams=num_beams, max_new_tokens=max_new_tokens)
     if temperature > 0: kw.update(temperature=temperature, top_p=top_p)
     return kw
