@@ -49,6 +49,7 @@ def test_eval_then_score_pope(trained):
     out = json.loads(cli('score', 'pope', '--annotation-dir', d / 'pope', '--question-file', d / 'q.jsonl', '--result-file', d / 'a.jsonl').stdout)
     m = out['categories']['adversarial']
     assert m['samples'] == 16 and m['TP'] + m['FP'] + m['TN'] + m['FN'] == 16
+    assert (out['missing'], out['duplicated'], out['unknown'], out['malformed_lines']) == (0, 0, 0, 0)
 
 def test_missing_image_names_the_file(trained, tmp_path):
     (tmp_path / 'q.jsonl').write_text(json.dumps(dict(question_id=1, image='lost.png', text='?')) + '\n')
@@ -61,7 +62,7 @@ def test_score_and_convert_cli(tmp_path):
     (tmp_path / 'split.jsonl').write_text('{"question_id": 1}\n{"question_id": 2}\n')
     out = json.loads(cli('convert', 'vqav2', '--question-file', tmp_path / 'split.jsonl', '--result-file', tmp_path / 'a.jsonl',
                          '--dst', tmp_path / 'up/upload.json').stdout)
-    assert (out['error_line'], out['missing'], out['total_split']) == (1, 1, 2)
+    assert (out['error_line'], out['missing'], out['total_split'], out['unknown']) == (1, 1, 2, 1)
     assert json.loads((tmp_path / 'up/upload.json').read_text()) == [{'question_id': 1, 'answer': '2'}, {'question_id': 2, 'answer': ''}]
     out = json.loads(cli('convert', 'mmvet', '--result-file', tmp_path / 'a.jsonl', '--dst', tmp_path / 'mmvet.json').stdout)
     assert json.loads((tmp_path / 'mmvet.json').read_text()) == {'v1_1': 'Two', 'v1_5': 'x'}

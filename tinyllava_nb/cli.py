@@ -161,6 +161,12 @@ def _eval_args(p):
     p.add_argument('--image-folder', default='')
     p.add_argument('--answers-file', required=True)
     p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--overwrite', action='store_true', help="start the answers file again (default: resume it, same model only)")
+
+def _model_id(path) -> str:
+    "LLaVA's model name for answers files: the folder's name, with its parent's for a `checkpoint-N` folder."
+    p = Path(path).resolve()
+    return f'{p.parent.name}_{p.name}' if p.name.startswith('checkpoint-') else p.name
 
 def _eval_run(args):
     from tinyllava_nb.model.tinyllava import load_pretrained
@@ -169,7 +175,7 @@ def _eval_run(args):
     model, tok, proc = load_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
     print(json.dumps(run_benchmark(args.benchmark, model, tok, proc, args.question_file, args.image_folder, args.answers_file,
                                    args.conv_mode, args.batch_size, args.max_new_tokens, args.temperature, args.top_p,
-                                   args.num_beams, Path(args.model_path).name)))
+                                   args.num_beams, _model_id(args.model_path), args.overwrite)))
 
 SCORE_ARGS = {   # benchmark -> (scorer name, [(flag, required)])
     'sqa': ('score_sqa', [('--base-dir', True), ('--result-file', True), ('--split', False), ('--output-file', False), ('--output-result', False)]),
