@@ -85,6 +85,29 @@ def test_deepspeed_two_processes(stage, data, tmp_path):
     with torch.no_grad(): logits = model(**fixed_batch(model, tok, data)).logits
     torch.testing.assert_close(logits, torch.load(out / 'final_logits.pt'), atol=1e-4, rtol=1e-4)
 
+def test_deepspeed_checkpoints_are_whole_and_resume(data, tmp_path):
+    "Both ranks write their shards into the staging folder; checkpoint-N appears whole; auto resumes under ZeRO-3."
+    from tinyllava_nb.train.trainer import checkpoints
+    script, out = tmp_path / 'ds_train.py', tmp_path / 'zero3'
+    script.write_text(DS_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != 'ACCELERATE_USE_CPU'} | {'OMP_NUM_THREADS': '1'}
+    def launch(*flags):
+        with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+        cmd = ['torchrun', '--nproc_per_node', '2', '--master_port', str(port), str(script), str(Path(__file__).parent),
+               json.dumps({k: str(v) for k, v in data.items()}), '--data_path', str(data['finetune']), '--conv_version', 'phi',
+               '--tune_type_llm', 'full', '--learning_rate', '3e-3', '--output_dir', str(out), '--save_strategy', 'steps',
+               '--save_steps', '2', '--deepspeed', str(ROOT / 'configs/zero3.json')] + QUIET + list(flags)
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+        return r
+    launch('--max_steps', '4')
+    done, torn = checkpoints(out)
+    assert [p.name for p in done] == ['checkpoint-2', 'checkpoint-4'] and torn == [] and not list(out.glob('.tmp-*'))
+    assert len(list((out / 'checkpoint-4').glob('global_step4/*optim_states.pt'))) == 2       # one shard per rank
+    r = launch('--max_steps', '6', '--resume_from_checkpoint', 'auto')
+    assert f'resuming from {out / "checkpoint-4"}' in r.stdout
+    assert len(losses(out)) == 6 and [p.name for p in checkpoints(out)[0]] == ['checkpoint-2', 'checkpoint-4', 'checkpoint-6']
+
 def test_lora_save_load_merge(data, tmp_path):
     args = ['--data_path', str(data['finetune']), '--conv_version', 'phi', '--tune_type_llm', 'lora', '--lora_r', '8',
             '--lora_alpha', '16', '--learning_rate', '1e-2', '--max_steps', '6', '--output_dir', str(tmp_path / 'lora')] + QUIET
