@@ -56,3 +56,11 @@ def test_flags_are_not_abbreviated(saved, capsys):
 def test_bad_directories_name_the_cause(saved, tmp_path):
     with pytest.raises(FileNotFoundError, match='is not a directory'): load_pretrained(tmp_path / 'nothing')
     assert main(['chat', '--model-path', str(tmp_path), '--prompt', 'hi']) == 2     # no config.json: an error, no traceback
+
+def test_training_runs_no_remote_code_unasked(tmp_path):
+    from tinyllava_nb.train.run import build_model, parse_args
+    evil = shadow_llm(tmp_path / 'shadow')
+    m, d, t = parse_args(['--model_name_or_path', str(evil), '--output_dir', str(tmp_path / 'out'), '--use_cpu', 'true'])
+    assert m.trust_remote_code is False
+    with pytest.raises(ValueError, match='trust_remote_code'): build_model(m, t)
+    assert not (evil / 'RAN').exists()

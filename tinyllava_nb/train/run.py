@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 import yaml
 from filelock import FileLock, Timeout
-from transformers import AutoConfig, AutoImageProcessor, BitsAndBytesConfig, HfArgumentParser, PrinterCallback, TrainerCallback
+from transformers import AutoImageProcessor, BitsAndBytesConfig, HfArgumentParser, PrinterCallback, TrainerCallback
 
 from ..data.dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
 from ..data.image import ImagePreprocess
 from ..data.template import templates
 from ..model.connector import connector_name, connectors
-from ..model.llm import llm_family, llms, load_tokenizer
+from ..model.llm import llm_family, llms, load_tokenizer, read_config
 from ..model.tinyllava import (TinyLlavaConfig, TinyLlavaForConditionalGeneration, load_pretrained,
                                           save_pretrained_all)
 from ..model.vision import split_vision_path, vision_config_of, vision_towers
@@ -46,6 +46,7 @@ class ModelArguments:
     model_max_length: int = 2048
     tokenizer_padding_side: str = 'right'
     attn_implementation: str = field(default=None, metadata={'help': "e.g. 'sdpa', 'eager', 'flash_attention_2'"})
+    trust_remote_code: bool = field(default=False, metadata={'help': "let a model's own Python code run (OpenELM); off: none runs"})
 
 @dataclass
 class DataArguments:
@@ -202,8 +203,8 @@ def build_model(m: ModelArguments, t: TrainingArguments) -> tuple:
     "(model, tokenizer, image_processor) for a run."
     quant = _quantization(t)
     if t.pretrained_model_path:
-        model, tok, proc = load_pretrained(t.pretrained_model_path)
-        if quant is not None: _load_llm(model, None, quant)
+        model, tok, proc = load_pretrained(t.pretrained_model_path, trust_remote_code=m.trust_remote_code)
+        if quant is not None: _load_llm(model, None, quant, m.trust_remote_code)
         return model.train(), tok, proc
     from tinyllava_nb.toy import toy_image_processor, toy_llm_config, toy_tokenizer, toy_vision_config
     llm_toy, vis_toy = _toy_or(m.model_name_or_path), _toy_or(m.vision_tower)
@@ -211,8 +212,8 @@ def build_model(m: ModelArguments, t: TrainingArguments) -> tuple:
         tok = llm_family(llm_toy).post_load(toy_tokenizer(llm_toy, model_max_length=m.model_max_length))
         text_config = toy_llm_config(llm_toy, tok)
     else:
-        tok = load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, m.model_name_or_path, m.model_max_length, m.tokenizer_padding_side)
-        text_config = AutoConfig.from_pretrained(m.model_name_or_path, trust_remote_code=True)
+        text_config = read_config(m.model_name_or_path, m.trust_remote_code)
+        tok = load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, text_config, m.model_max_length, m.tokenizer_padding_side)
     if vis_toy:
         base = 'clip' if vis_toy == 'mof' else vis_toy
         vision_config, proc = toy_vision_config(base), toy_image_processor(base)
@@ -231,20 +232,20 @@ def build_model(m: ModelArguments, t: TrainingArguments) -> tuple:
                              tokenizer_model_max_length=m.model_max_length, tokenizer_padding_side=m.tokenizer_padding_side,
                              pad_token=tok.pad_token, pad_token_id=tok.pad_token_id)
     torch.manual_seed(t.seed)
-    model = TinyLlavaForConditionalGeneration(config)
-    if not llm_toy or quant is not None: _load_llm(model, None if llm_toy else m.model_name_or_path, quant)
+    model = TinyLlavaForConditionalGeneration(config, m.trust_remote_code)
+    if not llm_toy or quant is not None: _load_llm(model, None if llm_toy else m.model_name_or_path, quant, m.trust_remote_code)
     if not vis_toy: model.vision_tower.load(split_vision_path(m.vision_tower)[1], m.vision_tower2 or None)
     model.vision_tower.image_processor = proc
     return model, tok, proc
 
-def _load_llm(model, path, quant):
+def _load_llm(model, path, quant, trust_remote_code: bool = False):
     "Load the LLM's weights from `path` (or re-read the model's own, to quantize them)."
     import tempfile
     family = llm_family(model.config.text_config)
-    if path is not None: model.language_model = family.load(path, quantization_config=quant); return
+    if path is not None: model.language_model = family.load(path, trust_remote_code, quantization_config=quant); return
     with tempfile.TemporaryDirectory() as d:
         model.language_model.save_pretrained(d)
-        model.language_model = family.load(d, quantization_config=quant)
+        model.language_model = family.load(d, trust_remote_code, quantization_config=quant)
 
 # %% ../../nbs/32_train.run.ipynb #7b04dea4
 def save_run(trainer, tok, proc, base_dir=None):
