@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .data.image import ImagePreprocess
+from .data.image import ImagePreprocess, to_rgb
 from .data.template import DEFAULT_IMAGE_TOKEN, TemplateFactory
 from .model.llm import llm_family
 
@@ -101,7 +101,7 @@ class ChatWidget:
 
     def set_image(self, image):
         "Start a new conversation about `image`."
-        self.image, self.history = image.convert('RGB'), []
+        self.image, self.history = to_rgb(image), []
         self.log.value = '<i>new image loaded</i>'
 
     def ask(self, question: str) -> str:

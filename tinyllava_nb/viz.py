@@ -43,7 +43,7 @@ def model_view(pixels: torch.Tensor, image_processor=None) -> np.ndarray:
 # %% ../nbs/50_viz.ipynb #01308b4a
 def show_patches(model, image_processor, image: Image.Image, ax=None) -> plt.Figure:
     "The preprocessed image with its patch grid; the title follows it into patch tokens and image tokens."
-    pixels = image_preprocess_of(model, image_processor)(image.convert('RGB'))
+    pixels = image_preprocess_of(model, image_processor)(image)
     if pixels.dim() == 4: pixels = pixels[0]                        # anyres: the overview tile
     vc, strategy = model.config.vision_config, model.config.vision_feature_select_strategy
     side = vc.image_size // vc.patch_size

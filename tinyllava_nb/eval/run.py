@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock, Timeout
-from PIL import Image
 from tqdm.auto import tqdm
 
 from ..registry import Registry
@@ -128,7 +127,7 @@ def _ask(name, todo, model, tokenizer, image_processor, image_folder, answers_fi
             batch = todo[k:k + batch_size]
             asked = [q for q in batch if not multi(q)]
             encs = [encode_question(q['text'], tokenizer, conv, q['image'] is not None) for q in asked]
-            pixels = [pre(_open(image_folder, q['image'])) if q['image'] is not None else None for q in asked]
+            pixels = [pre.open(_image_path(image_folder, q['image'])) if q['image'] is not None else None for q in asked]
             ids = [e['input_ids'] for e in encs]
             texts = iter(generate_batch(model, tokenizer, ids, pixels, **gen) if asked else [])
             prompts = iter(e['prompt'] for e in encs)
@@ -143,7 +142,7 @@ def _ask(name, todo, model, tokenizer, image_processor, image_folder, answers_fi
                                           metadata={})) + '\n')
             out.flush()
 
-def _open(folder, image) -> Image.Image:
+def _image_path(folder, image) -> Path:
     path = Path(folder or '.') / (image[0] if isinstance(image, list) else image)
     if not path.is_file(): raise FileNotFoundError(f"image not found: {path}")
-    return Image.open(path).convert('RGB')
+    return path

@@ -280,6 +280,14 @@ def train(m: ModelArguments, d: DataArguments, t: TrainingArguments, callbacks: 
         with t.main_process_first(local=False, desc='preparing output_dir'): resume = prepare_output_dir(t)
         return _stage(m, d, t, recipe, resume, callbacks)
 
+def _report_skipped(data, t: TrainingArguments, gather: bool = False):
+    "Print how many samples were left out and why (with `gather`, counting every rank's finds)."
+    if gather and torch.distributed.is_available() and torch.distributed.is_initialized():
+        found = data.load_status.to(t.device)
+        torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX); data.load_status.copy_(found.cpu())
+    s = data.summary
+    if s['skipped'] and t.process_index == 0: print(f"skipped {s['skipped']} of {s['samples']} samples: {dict(s['reasons'])}")
+
 def _stage(m: ModelArguments, d: DataArguments, t: TrainingArguments, recipe: Recipe, resume: str, callbacks: list):
     "Build, train from `resume` (a checkpoint or None) and save one stage."
     model, tok, proc = build_model(m, t)
@@ -296,12 +304,12 @@ def _stage(m: ModelArguments, d: DataArguments, t: TrainingArguments, recipe: Re
     data = LazySupervisedDataset(d.data_path, tok, template, d.image_folder, ImagePreprocess(proc, d.image_aspect_ratio, d.image_grid_pinpoints),
                                  num_image_tokens=base_model.num_image_tokens, model_max_length=tok.model_max_length,
                                  skip_bad=d.skip_bad_samples, full_check=d.full_check)
-    if data.summary['skipped'] and t.process_index == 0:
-        print(f"skipped {data.summary['skipped']} of {data.summary['samples']} samples: {dict(data.summary['reasons'])}")
+    _report_skipped(data, t)
     trainer = TinyLlavaTrainer(model=model, args=t, train_dataset=data, data_collator=DataCollatorForSupervisedDataset(tok, packing=t.packing),
                                processing_class=tok, callbacks=callbacks)
     if t.disable_tqdm: trainer.remove_callback(PrinterCallback); trainer.add_callback(LossPrinter)
     trainer.train(resume_from_checkpoint=resume)
+    _report_skipped(data, t, gather=True)                  # and the samples found bad while loading
     lora_base = (base_dir or t.pretrained_model_path) if recipe.uses_lora() else None   # the model a LoRA adapter applies to
     save_run(trainer, tok, proc, lora_base)
     return trainer
