@@ -226,7 +226,7 @@ def generate(self: TinyLlavaForConditionalGeneration, input_ids=None, images=Non
     inputs = self.prepare_inputs(input_ids, attention_mask, None, images)
     inputs.pop('labels'); inputs.pop('position_ids', None)                 # generate derives positions from the mask
     context, prompt = getattr(self.config.text_config, 'max_position_embeddings', None), inputs['inputs_embeds'].shape[1]
-    if context and prompt + kwargs.get('max_new_tokens', 0) > context:
+    if context and prompt + (kwargs.get('max_new_tokens') or 0) > context:
         raise ValueError(f"max_new_tokens {kwargs['max_new_tokens']} after a prompt of {prompt} positions (images included) "
                          f"exceeds the LLM's context of {context}: ask for at most {context - prompt}")
     kwargs.setdefault('pad_token_id', self.config.pad_token_id)
