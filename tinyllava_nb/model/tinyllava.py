@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['TinyLlavaConfig', 'merge_image_features', 'TinyLlavaPreTrainedModel', 'TinyLlavaForConditionalGeneration',
-           'toy_tinyllava', 'save_pretrained_all', 'load_stage_folders', 'load_pretrained']
+           'check_context', 'toy_tinyllava', 'save_pretrained_all', 'load_stage_folders', 'load_pretrained']
 
 # %% ../../nbs/23_model.tinyllava.ipynb #5e16fd88
 import json
@@ -219,16 +219,20 @@ def forward(self: TinyLlavaForConditionalGeneration, input_ids=None, attention_m
     kwargs.setdefault('use_cache', self.config.use_cache)
     return self.language_model(**inputs, position_ids=position_ids, **kwargs)
 
+def check_context(model, prompt: int, max_new_tokens: int):
+    "Raise if `prompt` merged positions plus `max_new_tokens` exceed the LLM's context."
+    context = getattr(model.config.text_config, 'max_position_embeddings', None)
+    if context and prompt + max_new_tokens > context:
+        raise ValueError(f"max_new_tokens {max_new_tokens} after a prompt of {prompt} positions (images included) "
+                         f"exceeds the LLM's context of {context}: ask for at most {context - prompt}")
+
 @patch
 @torch.no_grad()
 def generate(self: TinyLlavaForConditionalGeneration, input_ids=None, images=None, attention_mask=None, **kwargs):
     "Generate from prompts (left padded in a batch) and their images; returns only the new tokens."
     inputs = self.prepare_inputs(input_ids, attention_mask, None, images)
     inputs.pop('labels'); inputs.pop('position_ids', None)                 # generate derives positions from the mask
-    context, prompt = getattr(self.config.text_config, 'max_position_embeddings', None), inputs['inputs_embeds'].shape[1]
-    if context and prompt + (kwargs.get('max_new_tokens') or 0) > context:
-        raise ValueError(f"max_new_tokens {kwargs['max_new_tokens']} after a prompt of {prompt} positions (images included) "
-                         f"exceeds the LLM's context of {context}: ask for at most {context - prompt}")
+    check_context(self, inputs['inputs_embeds'].shape[1], kwargs.get('max_new_tokens') or 0)
     kwargs.setdefault('pad_token_id', self.config.pad_token_id)
     return self.language_model.generate(**inputs, **kwargs)
 
