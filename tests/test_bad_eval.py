@@ -198,7 +198,7 @@ def test_a_second_evaluation_on_the_same_file_is_refused(toy, tmp_path):
     other = subprocess.Popen([sys.executable, '-c', hold], stdout=subprocess.PIPE, text=True)
     try:
         assert other.stdout.readline().strip() == 'held'
-        with pytest.raises(RuntimeError, match=f'another evaluation is writing {a}'): run(toy, a)
+        with pytest.raises(ValueError, match=f'another evaluation is writing {a}'): run(toy, a)
         assert not a.exists()
     finally: other.kill(); other.wait()
     assert run(toy, a)['answered'] == 10                                       # once released, it runs

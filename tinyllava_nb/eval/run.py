@@ -77,7 +77,7 @@ def writing(answers_file):
     "Hold `answers_file`.lock while a run writes it; a second run gets a clear error instead of writing duplicates."
     lock = FileLock(f'{answers_file}.lock')
     try: lock.acquire(timeout=0)
-    except Timeout: raise RuntimeError(f"another evaluation is writing {answers_file}") from None
+    except Timeout: raise ValueError(f"another evaluation is writing {answers_file}") from None   # the CLI prints it
     try: yield
     finally: lock.release()
 
