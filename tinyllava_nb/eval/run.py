@@ -127,7 +127,8 @@ def _ask(name, todo, model, tokenizer, image_processor, image_folder, answers_fi
             batch = todo[k:k + batch_size]
             asked = [q for q in batch if not multi(q)]
             encs = [encode_question(q['text'], tokenizer, conv, q['image'] is not None) for q in asked]
-            pixels = [pre.open(_image_path(image_folder, q['image'])) if q['image'] is not None else None for q in asked]
+            pixels = [pre.open(_image_path(image_folder, q['image'])) if q['image'] is not None else None
+                      for q in asked]
             ids = [e['input_ids'] for e in encs]
             texts = iter(generate_batch(model, tokenizer, ids, pixels, **gen) if asked else [])
             prompts = iter(e['prompt'] for e in encs)
