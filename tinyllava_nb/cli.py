@@ -251,3 +251,38 @@ for _name, _cmd in {
     'world': Command("write the shapes world: images, training data, held-out benchmark files", _world_args, _world_run),
     'bench': Command("time every fast path against its reference in this process; print ratios and targets", _speed_args, _speed_run),
 }.items(): commands.register(_name, _cmd)
+
+# %% ../nbs/90_cli.ipynb #2dfdd9cb
+def _export_args(p):
+    p.add_argument('--model-path', required=True, help="a TinyLLaVA directory (ours, TinyLLaVA Factory's, a LoRA run)")
+    p.add_argument('--output-dir', required=True, help="where to write the LLaVA directory")
+    p.add_argument('--overwrite', action='store_true', help="replace a non-empty --output-dir")
+    p.add_argument('--no-check', action='store_true', help="keep the export without comparing it with the model")
+    p.add_argument('--trust_remote_code', '--trust-remote-code', action='store_true',
+                   help="allow the model's own Python code to run; off: no code from a model directory runs")
+
+def _export_run(args):
+    from tinyllava_nb.export import export_hf
+    out = export_hf(args.model_path, args.output_dir, args.overwrite, not args.no_check, args.trust_remote_code)
+    print(f"LLaVA model written to {out} (LlavaForConditionalGeneration and AutoProcessor load it)")
+
+def _push_args(p):
+    p.add_argument('--model-path', required=True, help="a model directory (ours or an export-hf one)")
+    p.add_argument('--repo-id', required=True, help="the Hub repository, e.g. you/tinyllava-shapes")
+    p.add_argument('--dry-run', action='store_true', help="write the model card and list the files; upload nothing")
+    p.add_argument('--private', action='store_true', help="create the repository private")
+    p.add_argument('--data', default=None, help="a sentence on the training data, for the model card")
+
+def _push_run(args):
+    from tinyllava_nb.export import push
+    files = push(args.model_path, args.repo_id, args.dry_run, args.private, args.data)
+    print(f"model card written to {Path(args.model_path) / 'README.md'}")
+    done = 'would upload' if args.dry_run else f'uploaded to {args.repo_id}:'
+    print(f"{done} {len(files)} files: {', '.join(files)}")
+
+for _name, _cmd in {
+    'export-hf': Command("write a model as transformers' LLaVA (LlavaForConditionalGeneration + processor), checked",
+                         _export_args, _export_run),
+    'push': Command("write a model card and upload a model directory to the Hub (--dry-run: no network)",
+                    _push_args, _push_run),
+}.items(): commands.register(_name, _cmd)
