@@ -1,12 +1,13 @@
 "Export to transformers' LLaVA: same logits and greedy tokens on every toy family, refusals, the CLI, the model card."
 import contextlib, io, json, os, subprocess, sys
+from pathlib import Path
 
 import pytest, torch
 
 from tinyllava_nb import export
 from tinyllava_nb.cli import main
-from tinyllava_nb.export import (check_exportable, compare_export, compare_generation, export_hf, llava_messages, model_card,
-                                 push, read_training_args, sample_image, to_llava)
+from tinyllava_nb.export import (check_exportable, compare_export, compare_generation, export_hf, llava_messages,
+                                 model_card, push, read_training_args, sample_image, to_llava)
 from tinyllava_nb.infer import chat, conv_version_of, encode_question, image_preprocess_of
 from tinyllava_nb.model.tinyllava import save_pretrained_all, toy_tinyllava
 
@@ -38,8 +39,9 @@ def test_chat_answer_equals_the_processor_and_generate(tmp_path, llm):
     image = sample_image()
     ours = chat(model, tok, proc, image, 'What colour is the circle?', max_new_tokens=6)
     llava, processor = LlavaForConditionalGeneration.from_pretrained(out), AutoProcessor.from_pretrained(out)
-    messages = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': 'What colour is the circle?'}]}]
-    inputs = processor(images=image, text=processor.apply_chat_template(messages, add_generation_prompt=True), return_tensors='pt')
+    messages = llava_messages([{'from': 'human', 'value': '<image>\nWhat colour is the circle?'}])
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=image, text=text, return_tensors='pt')
     new = llava.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs['input_ids'].shape[1]:]
     assert processor.decode(new, skip_special_tokens=True).strip() == ours
 
@@ -76,7 +78,8 @@ def test_tied_embeddings_and_cls_patch(tmp_path):
     from tinyllava_nb.toy import toy_image_processor, toy_llm_config, toy_tokenizer, toy_vision_config
     tok = llm_family('gemma').post_load(toy_tokenizer('gemma'))
     cfg = TinyLlavaConfig(text_config=toy_llm_config('gemma', tok, tie_word_embeddings=True),
-                          vision_config=toy_vision_config('clip'), connector_type='linear', pad_token_id=tok.pad_token_id,
+                          vision_config=toy_vision_config('clip'), connector_type='linear',
+                          pad_token_id=tok.pad_token_id,
                           vision_feature_select_strategy='cls_patch', vision_feature_layer=-1)
     torch.manual_seed(0)
     model, proc = TinyLlavaForConditionalGeneration(cfg).eval(), toy_image_processor('clip')
@@ -118,7 +121,8 @@ def test_a_failed_check_keeps_nothing_and_overwrite_is_asked(tmp_path, monkeypat
         s = model.config.hidden_size ** 0.5
         return {**w, 'linear_2.weight': w['linear_2.weight'] / s, 'linear_2.bias': w['linear_2.bias'] / s}, act
     monkeypatch.setattr(export, 'projector_weights', unscaled)
-    with pytest.raises(ValueError, match='the vision tower or projector'): export_hf(tmp_path / 'model', tmp_path / 'llava')
+    with pytest.raises(ValueError, match='the vision tower or projector'):
+        export_hf(tmp_path / 'model', tmp_path / 'llava')
     assert not (tmp_path / 'llava').exists() and not list(tmp_path.glob('.*export'))
     monkeypatch.setattr(export, 'projector_weights', good)
     (tmp_path / 'llava').mkdir(); (tmp_path / 'llava' / 'notes.txt').write_text('mine')
@@ -126,7 +130,8 @@ def test_a_failed_check_keeps_nothing_and_overwrite_is_asked(tmp_path, monkeypat
     assert (tmp_path / 'llava' / 'notes.txt').read_text() == 'mine'
     export_hf(tmp_path / 'model', tmp_path / 'llava', overwrite=True)
     assert not (tmp_path / 'llava' / 'notes.txt').exists() and (tmp_path / 'llava' / 'model.safetensors').exists()
-    with pytest.raises(ValueError, match='would replace the model'): export_hf(tmp_path / 'model', tmp_path, overwrite=True)
+    with pytest.raises(ValueError, match='would replace the model'):
+        export_hf(tmp_path / 'model', tmp_path, overwrite=True)
 
 
 LOAD_WITHOUT_US = """
@@ -134,11 +139,13 @@ import sys, json
 sys.modules['tinyllava_nb'] = None                              # importing it now fails
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
-model, processor = LlavaForConditionalGeneration.from_pretrained(sys.argv[1]), AutoProcessor.from_pretrained(sys.argv[1])
+model = LlavaForConditionalGeneration.from_pretrained(sys.argv[1])
+processor = AutoProcessor.from_pretrained(sys.argv[1])
 messages = [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': 'What colour is the circle?'}]}]
-inputs = processor(images=Image.open(sys.argv[2]), text=processor.apply_chat_template(messages, add_generation_prompt=True),
-                   return_tensors='pt')
-print(json.dumps(model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs['input_ids'].shape[1]:].tolist()))
+text = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=Image.open(sys.argv[2]), text=text, return_tensors='pt')
+new = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs['input_ids'].shape[1]:]
+print(json.dumps(new.tolist()))
 """
 
 def test_cli_export_loads_without_tinyllava_nb_then_push_dry_run(tmp_path):
@@ -149,8 +156,9 @@ def test_cli_export_loads_without_tinyllava_nb_then_push_dry_run(tmp_path):
     r = run('export-hf', '--model-path', str(tmp_path / 'model'), '--output-dir', str(tmp_path / 'llava'))
     assert r.returncode == 0, r.stderr
     err = io.StringIO()
-    with contextlib.redirect_stderr(err):                        # in this process from here on: each start costs seconds
-        assert main(['export-hf', '--model-path', str(tmp_path / 'model'), '--output-dir', str(tmp_path / 'llava')]) == 2
+    with contextlib.redirect_stderr(err):          # in this process from here on: each start costs seconds
+        code = main(['export-hf', '--model-path', str(tmp_path / 'model'), '--output-dir', str(tmp_path / 'llava')])
+    assert code == 2
     assert 'is not empty' in err.getvalue()
     sample_image().save(tmp_path / 'picture.png')
     r = subprocess.run([sys.executable, '-c', LOAD_WITHOUT_US, str(tmp_path / 'llava'), str(tmp_path / 'picture.png')],
@@ -160,15 +168,18 @@ def test_cli_export_loads_without_tinyllava_nb_then_push_dry_run(tmp_path):
     model.eval()
     ids = encode_question('What colour is the circle?', tok, conv_version_of(model))['input_ids']
     pixels = image_preprocess_of(model, proc)(Image.open(tmp_path / 'picture.png'))
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == model.decode(ids[None], pixels[None], max_new_tokens=6)[0].tolist()
+    ours = model.decode(ids[None], pixels[None], max_new_tokens=6)[0].tolist()
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == ours
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(['push', '--model-path', str(tmp_path / 'llava'), '--repo-id', 'you/toy', '--dry-run', '--data',
                      'Toy shapes.']) == 0
-    assert 'would upload' in out.getvalue() and 'model.safetensors' in out.getvalue() and 'chat_template.jinja' in out.getvalue()
+    listed = out.getvalue()
+    assert 'would upload' in listed and 'model.safetensors' in listed and 'chat_template.jinja' in listed
     card = (tmp_path / 'llava' / 'README.md').read_text()
     assert 'library_name: transformers' in card and '| vqa_overall | 0.42 |' in card and 'Toy shapes.' in card
-    assert '| connector | mlp2x_gelu |' in card and '| chat template | llama |' in card and 'exported from `model`' in card
+    assert '| connector | mlp2x_gelu |' in card and '| chat template | llama |' in card
+    assert 'exported from `model`' in card
 
 
 def test_training_args_are_read_without_running_code(tmp_path):
@@ -200,3 +211,24 @@ def test_push_uploads_the_folder_with_its_card(tmp_path, monkeypatch):
     assert [c[0] for c in calls] == ['create_repo', 'upload_folder'] and calls[0][2]['private']
     assert 'README.md' in files and 'busy.lock' not in files and '*.lock' in calls[1][2]['ignore_patterns']
     assert model_card(tmp_path / 'model').startswith('---\nlibrary_name: tinyllava_nb')
+
+
+FACTORY = sorted(p for p in (Path(__file__).parent / 'data' / 'tinyllava_factory').iterdir() if p.is_dir())
+
+@pytest.mark.parametrize('d', FACTORY, ids=[p.name for p in FACTORY])
+def test_tinyllava_factory_checkpoints_export_with_its_logits(tmp_path, d):
+    "A checkpoint saved by TinyLLaVA Factory's own code (transformers 4.40), exported: its logits and greedy tokens."
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    out = export_hf(d, tmp_path / 'llava')
+    ref = torch.load(d / 'reference.pt')
+    llava, processor = LlavaForConditionalGeneration.from_pretrained(out).eval(), AutoProcessor.from_pretrained(out)
+    image_id, n = llava.config.image_token_id, llava.config.image_seq_length
+    prompt = json.loads((d / 'prompt_ids.json').read_text())                      # one -200 per image
+    ids = torch.tensor([[t for i in prompt for t in ([image_id] * n if i == -200 else [i])]])
+    pixels = processor.image_processor(Image.open(d / 'image.png'), return_tensors='pt')['pixel_values']
+    with torch.no_grad():
+        logits = llava(input_ids=ids, pixel_values=pixels).logits[0, :, :ref['logits'].shape[-1]]
+        new = llava.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
+    torch.testing.assert_close(logits[ref['rows']], ref['logits'], atol=1e-4, rtol=0)
+    assert new.tolist() == ref['greedy'].tolist()
