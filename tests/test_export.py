@@ -232,3 +232,11 @@ def test_tinyllava_factory_checkpoints_export_with_its_logits(tmp_path, d):
         new = llava.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
     torch.testing.assert_close(logits[ref['rows']], ref['logits'], atol=1e-4, rtol=0)
     assert new.tolist() == ref['greedy'].tolist()
+
+
+def test_a_bfloat16_model_exports_in_bfloat16(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+    model, tok, proc = toy_tinyllava('gemma', 'siglip', 'mlp2x_gelu', seed=1)
+    save_pretrained_all(model.to(torch.bfloat16), tok, proc, tmp_path / 'model')
+    out = export_hf(tmp_path / 'model', tmp_path / 'llava')                     # checked, relative to 16-bit rounding
+    assert LlavaForConditionalGeneration.from_pretrained(out).dtype == torch.bfloat16

@@ -205,7 +205,9 @@ def _collapse(ids: list, image_id: int) -> list:
             if not (i == image_id and k and ids[k - 1] == i)]
 
 @torch.no_grad()
-def compare_export(model, tokenizer, image_processor, output_dir, image=None, conversation=None) -> dict:
+def compare_export(model, tokenizer, image_processor, output_dir, image=None, conversation=None,
+                   relative: bool = False,     # divide each difference by max(1, our largest |value|)
+                  ) -> dict:
     "Max differences between `model` and the LLaVA directory on one picture and conversation, stage by stage."
     image, conversation = image or sample_image(), conversation or SAMPLE
     llava, processor = _load(output_dir)
@@ -213,7 +215,8 @@ def compare_export(model, tokenizer, image_processor, output_dir, image=None, co
     inputs = processor(images=image, text=text, return_tensors='pt')
     ids, pixels = _ours(model, tokenizer, image_processor, image, conversation)
     theirs_ids = _collapse(inputs['input_ids'][0].tolist(), llava.config.image_token_id)
-    diff = lambda a, b: (a.float() - b.float()).abs().max().item() if a.shape == b.shape else float('inf')
+    diff = lambda a, b: ((a.float() - b.float()).abs().max().item() / (max(1, a.abs().max().item()) if relative else 1)
+                         if a.shape == b.shape else float('inf'))
     out = dict(pixels=diff(pixels, inputs['pixel_values'][0]), ids=theirs_ids == ids.tolist())
     feats = model.encode_images(pixels[None].to(model.dtype))[0]                                  # [K, D]
     out['image_features'] = diff(feats, torch.cat(llava.model.get_image_features(pixel_values=inputs['pixel_values'].to(
@@ -223,15 +226,18 @@ def compare_export(model, tokenizer, image_processor, output_dir, image=None, co
         out['logits'] = diff(logits, llava(**inputs).logits[0, :, :logits.shape[-1]])
     return out
 
-def check_export(model, tokenizer, image_processor, output_dir, atol: float = None, **kwargs) -> dict:
-    "`compare_export`, raising a ValueError that names the first stage that differs (atol: by dtype if None)."
-    d = compare_export(model, tokenizer, image_processor, output_dir, **kwargs)
-    atol = atol or (1e-4 if model.dtype == torch.float32 else 2e-2)
+def check_export(model, tokenizer, image_processor, output_dir,
+                 rtol: float = None,    # largest relative difference; default 1e-4 (float32), 3e-2 (16-bit)
+                 **kwargs) -> dict:
+    "`compare_export` (relative), raising a ValueError that names the first stage that differs."
+    d = compare_export(model, tokenizer, image_processor, output_dir, relative=True, **kwargs)
+    rtol = rtol or (1e-4 if model.dtype == torch.float32 else 3e-2)
     stages = [('pixels', 'the image processor'), ('ids', 'the chat template or tokenizer'),
               ('image_features', 'the vision tower or projector'), ('logits', 'the language model')]
     for key, part in stages:
-        if d.get(key) is False or (not isinstance(d.get(key), bool) and d.get(key, 0) > atol):
-            raise ValueError(f"the export differs from the model in {part}: {key} {d[key]} (tolerance {atol})")
+        if d.get(key) is False or (not isinstance(d.get(key), bool) and d.get(key, 0) > rtol):
+            shown = 'differ' if d[key] is False else f"differ by {d[key]:.3g} (tolerance {rtol}, relative)"
+            raise ValueError(f"the export differs from the model in {part}: {key} {shown}")
     return d
 
 # %% ../nbs/43_export.ipynb #21248445
