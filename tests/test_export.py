@@ -240,3 +240,35 @@ def test_a_bfloat16_model_exports_in_bfloat16(tmp_path):
     save_pretrained_all(model.to(torch.bfloat16), tok, proc, tmp_path / 'model')
     out = export_hf(tmp_path / 'model', tmp_path / 'llava')                     # checked, relative to 16-bit rounding
     assert LlavaForConditionalGeneration.from_pretrained(out).dtype == torch.bfloat16
+
+
+def test_lmms_eval_adapter_gives_our_runners_answers_and_accuracy(tmp_path):
+    "lmms-eval (where installed) with `--model tinyllava_nb` on the shapes world: our answers, our accuracy."
+    pytest.importorskip('lmms_eval')
+    from tinyllava_nb.eval.run import run_benchmark
+    from tinyllava_nb.eval.score import read_jsonl, score_gqa
+    from tinyllava_nb.export import lmms_eval_main, shapes_lmms_task
+    from tinyllava_nb.model.tinyllava import load_pretrained
+    from tinyllava_nb.world import make_world
+    world = make_world(tmp_path / 'world', n_train=1, n_eval=6)
+    save_pretrained_all(*toy_tinyllava('qwen2', 'siglip', 'mlp2x_gelu', seed=1, image_size=48), tmp_path / 'model')
+    model, tok, proc = load_pretrained(tmp_path / 'model')
+    run_benchmark('gqa', model, tok, proc, world['vqa_questions'], world['root'], tmp_path / 'ours.jsonl',
+                  max_new_tokens=16)
+    ours = {a['question_id']: a['text'] for a in read_jsonl(tmp_path / 'ours.jsonl')[0]}
+    gt = json.loads(world['vqa_gt'].read_text())                 # every other answer made right: accuracy is not 0
+    for k, qid in enumerate(sorted(gt)):
+        if k % 2: gt[qid]['answer'] = ours[qid].rstrip('.').lower()
+    world['vqa_gt'].write_text(json.dumps(gt))
+    accuracy = score_gqa(world['vqa_gt'], tmp_path / 'ours.jsonl')['accuracy']
+    shapes_lmms_task(world, tmp_path / 'tasks')
+    lmms_eval_main(['--model', 'tinyllava_nb', '--model_args', f'pretrained={tmp_path / "model"}',
+                    '--tasks', 'shapes_vqa', '--include_path', str(tmp_path / 'tasks'), '--batch_size', '4',
+                    '--output_path', str(tmp_path / 'lmms'), '--log_samples'])
+    results = json.loads(next((tmp_path / 'lmms').rglob('*_results.json')).read_text())['results']['shapes_vqa']
+    samples = [json.loads(l) for f in (tmp_path / 'lmms').rglob('*_samples_shapes_vqa.jsonl') for l in f.open()]
+    qids = [json.loads(l)['question_id'] for l in world['vqa_questions'].open()]    # doc_id: the line of the task file
+    first = lambda r: r[0] if isinstance(r, list) else r
+    theirs = {qids[s['doc_id']]: first(s['filtered_resps']) for s in samples}
+    assert theirs == ours and 0 < accuracy < 100
+    assert abs(results['accuracy,none'] * 100 - accuracy) < 1e-9

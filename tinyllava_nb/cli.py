@@ -280,9 +280,15 @@ def _push_run(args):
     done = 'would upload' if args.dry_run else f'uploaded to {args.repo_id}:'
     print(f"{done} {len(files)} files: {', '.join(files)}")
 
+def _lmms_run(argv):
+    from tinyllava_nb.export import lmms_eval_main
+    lmms_eval_main(argv)
+
 for _name, _cmd in {
     'export-hf': Command("write a model as transformers' LLaVA (LlavaForConditionalGeneration + processor), checked",
                          _export_args, _export_run),
     'push': Command("write a model card and upload a model directory to the Hub (--dry-run: no network)",
                     _push_args, _push_run),
+    'lmms-eval': Command("lmms-eval's command line, with --model tinyllava_nb known (needs lmms-eval installed)",
+                         None, _lmms_run),
 }.items(): commands.register(_name, _cmd)
