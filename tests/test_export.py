@@ -272,3 +272,22 @@ def test_lmms_eval_adapter_gives_our_runners_answers_and_accuracy(tmp_path):
     theirs = {qids[s['doc_id']]: first(s['filtered_resps']) for s in samples}
     assert theirs == ours and 0 < accuracy < 100
     assert abs(results['accuracy,none'] * 100 - accuracy) < 1e-9
+
+
+def test_lmms_eval_loglikelihood_is_the_models_loss(tmp_path):
+    "The adapter's log-probability of an answer is minus the model's summed loss on it (where lmms-eval is installed)."
+    pytest.importorskip('lmms_eval')
+    from types import SimpleNamespace
+    from tinyllava_nb.data.template import IGNORE_INDEX
+    from tinyllava_nb.export import TinyLlavaNb
+    save_pretrained_all(*toy_tinyllava('llama', 'clip', 'linear', seed=1), tmp_path / 'model')
+    lm = TinyLlavaNb(pretrained=str(tmp_path / 'model'))
+    lm.task_dict = {'t': {'test': [{'image': sample_image()}]}}
+    request = SimpleNamespace(args=('What colour?', ' Red', lambda doc: [doc['image']], 0, 't', 'test'))
+    (logp, greedy), = lm.loglikelihood([request])
+    ids, pixels = lm._prompt('What colour?', [sample_image()])
+    cont = torch.tensor(lm.tokenizer(' Red', add_special_tokens=False).input_ids)
+    with torch.no_grad():
+        loss = lm.model(input_ids=torch.cat([ids, cont])[None], images=pixels[None],
+                        labels=torch.cat([torch.full_like(ids, IGNORE_INDEX), cont])[None]).loss
+    assert abs(logp + loss.item() * len(cont)) < 1e-4 and isinstance(greedy, bool)
