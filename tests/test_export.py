@@ -291,3 +291,13 @@ def test_lmms_eval_loglikelihood_is_the_models_loss(tmp_path):
         loss = lm.model(input_ids=torch.cat([ids, cont])[None], images=pixels[None],
                         labels=torch.cat([torch.full_like(ids, IGNORE_INDEX), cont])[None]).loss
     assert abs(logp + loss.item() * len(cont)) < 1e-4 and isinstance(greedy, bool)
+
+
+def test_pipeline_image_text_to_text_answers_as_chat(tmp_path):
+    from transformers import pipeline
+    model, tok, proc, out = exported(tmp_path, 'llama', 'clip', 'mlp2x_gelu')
+    pipe = pipeline('image-text-to-text', model=str(out))
+    messages = [{'role': 'user', 'content': [{'type': 'image', 'image': sample_image()},
+                                             {'type': 'text', 'text': 'What colour is the circle?'}]}]
+    answer = pipe(text=messages, max_new_tokens=6, return_full_text=False)[0]['generated_text']
+    assert answer.strip() == chat(model, tok, proc, sample_image(), 'What colour is the circle?', max_new_tokens=6)
