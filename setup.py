@@ -54,6 +54,7 @@ setuptools.setup(
     zip_safe = False,
     entry_points = {
         'console_scripts': cfg.get('console_scripts','').split(),
-        'nbdev': [f'{cfg.get("lib_path")}={cfg.get("lib_path")}._modidx:d']
+        'nbdev': [f'{cfg.get("lib_path")}={cfg.get("lib_path")}._modidx:d'],
+        'lmms_eval.models': ['tinyllava_nb = tinyllava_nb.export:lmms_manifest'],
     },
     **setup_cfg)
