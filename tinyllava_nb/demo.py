@@ -28,23 +28,24 @@ from .world import CHANCE, COLOURS, SHAPES, Thing, make_world, patch_labels
 @dataclass
 class Budget:
     "How much world and training the demo spends."
-    n_train: int = 3000          # training pictures (one caption and one conversation each)
+    n_train: int = 12000         # training pictures (one caption and one conversation each)
+    turns: int = 4               # questions about the picture in each training conversation (fewer if it answers fewer)
     n_eval: int = 200            # held-out pictures
     vision_steps: int = 800      # stage 0: the tower learns what each patch shows
     vision_batch_size: int = 64
     vision_learning_rate: float = 3e-3
     vision_finetune_lr: float = 5e-4   # the tower's learning rate in stage 2 (None: frozen after stage 0)
     pretrain_steps: int = 150
-    finetune_steps: int = 2000
+    finetune_steps: int = 1500
     batch_size: int = 32
     learning_rate: float = 2e-3
     hidden_size: int = 128       # LLM width
     llm_layers: int = 2
     vision_hidden_size: int = 64
     vision_layers: int = 2
-    patch_size: int = 6          # 48-pixel pictures -> 8 x 8 patches
+    patch_size: int = 8          # 48-pixel pictures -> 6 x 6 patches
 
-BUDGETS = dict(default=Budget(), fast=Budget(n_train=1000, n_eval=100, vision_steps=300, pretrain_steps=50, finetune_steps=500))
+BUDGETS = dict(default=Budget(), fast=Budget(n_train=4000, n_eval=100, vision_steps=300, pretrain_steps=50, finetune_steps=500))
 
 # %% ../nbs/61_demo.ipynb #d1905694
 def check_demo_args(output_dir, llm: str, vision: str, connector: str, overwrite: bool):
@@ -138,7 +139,7 @@ def demo(output_dir='runs/demo', llm: str = 'phi', vision: str = 'siglip', conne
     check_demo_args(output_dir, llm, vision, connector, overwrite)
     b, out, times = budget or BUDGETS['fast' if fast else 'default'], Path(output_dir), {}
     out.mkdir(parents=True, exist_ok=True)
-    t = time.time(); world = make_world(out / 'world', b.n_train, b.n_eval, seed); times['world'] = time.time() - t
+    t = time.time(); world = make_world(out / 'world', b.n_train, b.n_eval, seed, turns=b.turns); times['world'] = time.time() - t
     model, tok, proc = demo_model(llm, vision, connector, b, seed)
     print(f"== stage 0: the vision tower learns what each patch shows: {b.vision_steps} steps")
     t = time.time(); pretrain_vision_tower(model, proc, world, out / 'vision', b, seed); times['vision'] = time.time() - t

@@ -120,21 +120,24 @@ def _pope_absent(things, kind, rng):
     if kind == 'popular': pool = [(s, c) for s, c in pool if s in SHAPES[:2] and c in list(COLOURS)[:3]] or pool
     return rng.choice(pool)
 
-def make_world(output_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0, size: int = 48, text_only: float = 0.05) -> dict:
+def make_world(output_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0, size: int = 48, text_only: float = 0.05,
+               turns: int = 4) -> dict:
     "Write a shapes world (images, training data, held-out benchmark files) to `output_dir`; return its paths."
     out, rng = Path(output_dir), random.Random(seed)
     (out / 'images').mkdir(parents=True, exist_ok=True); (out / 'eval' / 'pope').mkdir(parents=True, exist_ok=True)
     pretrain, finetune, scenes, eval_scenes = [], [], [], []
     scene = lambda name, things: dict(image=name, things=[[t.shape, t.colour, list(t.box)] for t in things])
+    key = lambda things: frozenset((t.shape, t.colour, t.box) for t in things)
+    seen = set()                                  # training scenes: a held-out picture never repeats one
     for i in tqdm(range(n_train), desc='world: training images', leave=False):
-        things = random_scene(rng, size); name = f'images/train_{i}.png'
+        things = random_scene(rng, size); name = f'images/train_{i}.png'; seen.add(key(things))
         draw(things, size, rng).save(out / name)
         scenes.append(scene(name, things))
         pretrain.append({'id': f'cap{i}', 'image': name, 'conversations': [
             {'from': 'human', 'value': '<image>\n' + rng.choice(['Describe the image briefly.', 'What do you see?', 'Give a short caption.'])},
             {'from': 'gpt', 'value': caption(things)}]})
         qall = questions(things, rng)
-        qs = rng.sample(qall, k=min(rng.randint(1, 3), len(qall)))
+        qs = rng.sample(qall, k=min(turns, len(qall)))          # up to `turns` answers per picture
         conv = []
         for k, (kind, q, a) in enumerate(qs):
             suffix = rng.choice(['', '\n' + VQA_SUFFIX] + ([' Please answer yes or no.'] if kind == 'exist' else []))
@@ -148,6 +151,7 @@ def make_world(output_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0
     (out / 'eval' / 'MME' / 'existence').mkdir(parents=True, exist_ok=True); (out / 'eval' / 'MME' / 'color').mkdir(parents=True, exist_ok=True)
     for i in tqdm(range(n_eval), desc='world: held-out images', leave=False):
         things = random_scene(rng, size); name = f'images/eval_{i}.png'
+        while key(things) in seen: things = random_scene(rng, size)
         img = draw(things, size, rng); img.save(out / name); eval_scenes.append(scene(name, things))
         by_type = {}
         for t, q, a in questions(things, rng): by_type.setdefault(t, []).append((q, a))
