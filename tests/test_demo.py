@@ -9,9 +9,12 @@ def test_demo_fast(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'written to' in r.stdout.splitlines()[-1]
     m = json.loads((out / 'metrics.json').read_text())
-    colour, count = m['question_types']['colour'], m['question_types']['count']
-    assert colour['accuracy'] > colour['chance'] + 0.3, colour          # measured: 68.5% against 17% chance (100% with one shape)
-    assert count['accuracy'] > count['chance'] + 0.1, count             # measured: 54% against 33% chance
+    colour, count, shape = (m['question_types'][k] for k in ('colour', 'count', 'shape'))
+    # measured on 2 cores, 2026-12-01: colour 68.5% (chance 17%), count 72% (33%), shape 50.5% (25%)
+    assert colour['accuracy'] > colour['chance'] + 0.3, colour
+    assert count['accuracy'] > count['chance'] + 0.2, count
+    assert shape['accuracy'] > shape['chance'] + 0.1, shape
+    assert m['by_shapes']['colour']['1'] > 0.9, m['by_shapes']                # one shape: its colour, every time (measured 100%)
     for f in ('loss.png', 'predictions.png', 'model/model.safetensors', 'model/tokenizer.json'):
         assert (out / f).exists(), f
     again = subprocess.run(['tinyllava-nb', 'demo', '--fast', '--output-dir', str(out)], capture_output=True, text=True, timeout=60)

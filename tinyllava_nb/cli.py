@@ -219,7 +219,7 @@ def _demo_args(p):
     p.add_argument('--vision', default='siglip', help="toy vision tower: siglip, clip, dinov2")
     p.add_argument('--connector', default='mlp2x_gelu')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--fast', action='store_true', help="a smaller world and fewer steps (about a minute)")
+    p.add_argument('--fast', action='store_true', help="a smaller world and fewer steps (about three minutes on 2 cores)")
     p.add_argument('--overwrite', action='store_true', help="replace results already in --output-dir")
 
 def _demo_run(args):
