@@ -35,3 +35,38 @@ def test_gemma_without_the_image_scale_differs():
     model.scale_image_features = False
     logits, _ = run(model, proc, d)
     assert (logits[ref['rows']] - ref['logits']).abs().max() > 0.1
+
+# What we save is written in the layout TinyLLaVA Factory reads (its loader run on our saves: see
+# data/tinyllava_factory/roundtrip.py and the export notebook). These check that layout without transformers 4.
+
+@pytest.mark.parametrize('d', CASES, ids=[p.name for p in CASES])
+def test_resave_keeps_tinyllava_factory_weight_names(d, tmp_path):
+    from safetensors import safe_open
+    from tinyllava_nb.model.tinyllava import save_pretrained_all
+    save_pretrained_all(*load_pretrained(d), tmp_path)
+    keys = lambda f: set(safe_open(f, 'pt').keys())
+    assert keys(tmp_path / 'model.safetensors') == keys(d / 'model.safetensors')
+
+@pytest.mark.parametrize('llm,vision', [('phi', 'siglip'), ('llama', 'clip'), ('qwen2', 'clip'), ('gemma', 'siglip'), ('phi', 'dinov2')])
+def test_fresh_model_saves_published_layout(llm, vision, tmp_path):
+    "A model built from configs (never loaded) saves like a loaded one: hub weight names, flat RoPE fields, readable merges."
+    from safetensors import safe_open
+    from tinyllava_nb.model.tinyllava import toy_tinyllava, save_pretrained_all
+    model, tok, proc = toy_tinyllava(llm, vision, seed=1)
+    model.config.text_config.rope_parameters['rope_theta'] = 12345.0
+    save_pretrained_all(model, tok, proc, tmp_path)
+    keys = list(safe_open(tmp_path / 'model.safetensors', 'pt').keys())
+    tower = [k for k in keys if k.startswith('vision_tower.')]
+    prefix = 'vision_tower._vision_tower.' + ('vision_model.' if vision in ('clip', 'siglip') else 'embeddings.')
+    assert tower and all(k.startswith(prefix) or vision == 'dinov2' for k in tower), tower[:3]
+    if vision == 'dinov2': assert any('attention.attention.query' in k for k in tower)       # Dinov2's published names
+    text = json.loads((tmp_path / 'config.json').read_text())['text_config']
+    assert text['rope_theta'] == 12345.0 == text['rope_parameters']['rope_theta']
+    merges = json.loads((tmp_path / 'tokenizer.json').read_text())['model']['merges']
+    assert isinstance(merges[0], str)
+    assert (tmp_path / 'merges.txt').exists() == (llm in ('phi', 'qwen2'))
+    back, tok2, _ = load_pretrained(tmp_path)
+    assert back.config.text_config.rope_parameters == model.config.text_config.rope_parameters
+    assert tok2('Is it red? Yes ü').input_ids == tok('Is it red? Yes ü').input_ids
+    sd, sd2 = model.state_dict(), back.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)

@@ -17,10 +17,11 @@ from torch import nn
 import transformers
 from transformers import AutoConfig, AutoImageProcessor, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..data.template import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from .llm import llm_family, load_tokenizer, read_config, read_config_json
+from .llm import llm_family, load_tokenizer, read_config, read_config_json, save_tokenizer
 from .vision import split_vision_path, vision_config_of, vision_tower_name, vision_towers
 from .connector import build_connector
 
@@ -261,9 +262,25 @@ def toy_tinyllava(llm: str = 'phi', vision: str = 'siglip', connector: str = 'ml
 transformers.AutoConfig.register("tinyllava", TinyLlavaConfig, exist_ok=True)
 transformers.AutoModelForCausalLM.register(TinyLlavaConfig, TinyLlavaForConditionalGeneration, exist_ok=True)
 
+@patch
+def save_pretrained(self: TinyLlavaForConditionalGeneration, save_directory, **kwargs):
+    "Hugging Face's save, with every part's weights under its published names (CLIP/SigLIP: `vision_model.`)."
+    if getattr(self, '_weight_conversions', None) is None:     # built, not loaded: give transformers the full renaming to undo
+        self._weight_conversions = get_model_conversion_mapping(self, add_legacy=False)
+    return super(TinyLlavaForConditionalGeneration, self).save_pretrained(save_directory, **kwargs)
+
+@patch
+def to_dict(self: TinyLlavaConfig) -> dict:
+    "Hugging Face's dict, with the LLM's RoPE base and fraction also at text_config's top level, where transformers 4 reads them."
+    d = super(TinyLlavaConfig, self).to_dict()
+    t = d.get('text_config') or {}
+    for k, v in (t.get('rope_parameters') or {}).items():
+        if k in ('rope_theta', 'partial_rotary_factor'): t.setdefault(k, v)
+    return d
+
 def save_pretrained_all(model, tokenizer, image_processor, path) -> Path:
     "Save model, tokenizer and image processor into one directory (what `load_pretrained` reads)."
-    model.save_pretrained(path); tokenizer.save_pretrained(path)
+    model.save_pretrained(path); save_tokenizer(tokenizer, path)
     if image_processor is not None: image_processor.save_pretrained(path)
     return Path(path)
 

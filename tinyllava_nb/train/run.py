@@ -23,7 +23,7 @@ from ..data.dataset import DataCollatorForSupervisedDataset, LazySupervisedDatas
 from ..data.image import ImagePreprocess
 from ..data.template import templates
 from ..model.connector import connector_name, connectors
-from ..model.llm import llm_family, llms, load_tokenizer, read_config
+from ..model.llm import llm_family, llms, load_tokenizer, read_config, save_tokenizer
 from ..model.tinyllava import (TinyLlavaConfig, TinyLlavaForConditionalGeneration, load_pretrained,
                                           save_pretrained_all)
 from ..model.vision import split_vision_path, vision_config_of, vision_towers
@@ -256,7 +256,7 @@ def save_run(trainer, tok, proc, base_dir=None):
         model.peft_config['default'].base_model_name_or_path = str(Path(base_dir).resolve())
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
-        tok.save_pretrained(out)
+        save_tokenizer(tok, out)
         if proc is not None: proc.save_pretrained(out)
         trainer.save_state()
 
