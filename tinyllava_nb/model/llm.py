@@ -117,7 +117,7 @@ def load_tokenizer(name_or_path: str, family=None, model_max_length: int = None,
     tok = AutoTokenizer.from_pretrained(name_or_path, **kw)
     return llm_family(family or name_or_path).post_load(tok)
 
-# %% ../../nbs/20_model.llm.ipynb #8403308b
+# %% ../../nbs/20_model.llm.ipynb #54801a58
 def save_tokenizer(tok, path) -> Path:
     "`tok.save_pretrained(path)`, plus what transformers 4 readers need: BPE merges as 'a b' strings and, for byte-level BPE, vocab.json + merges.txt."
     tok.save_pretrained(path)
