@@ -140,7 +140,9 @@ class StopAt(TrainerCallback):
         if state.global_step == self.step: control.should_save = True; control.should_training_stop = True
 
 def test_resume_matches_uninterrupted_run(data, tmp_path):
+    "The tower trains too: its weights are saved under their published names and must be read back by them."
     base = ['--data_path', str(data['finetune']), '--conv_version', 'phi', '--tune_type_llm', 'full', '--learning_rate', '3e-3',
+            '--tune_type_vision_tower', 'full', '--image_folder', str(data['image_folder']),
             '--max_steps', '8', '--save_strategy', 'steps', '--save_steps', '4', '--group_by_modality_length', 'true', '--seed', '3'] + QUIET
     train(*parse_args(base + ['--output_dir', str(tmp_path / 'a')]))
     train(*parse_args(base + ['--output_dir', str(tmp_path / 'b')]), callbacks=[StopAt(4)])

@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['TinyLlavaConfig', 'merge_image_features', 'TinyLlavaPreTrainedModel', 'TinyLlavaForConditionalGeneration',
-           'check_context', 'toy_tinyllava', 'save_pretrained_all', 'load_stage_folders', 'load_pretrained']
+           'check_context', 'toy_tinyllava', 'published_names', 'save_pretrained_all', 'load_stage_folders',
+           'load_pretrained']
 
 # %% ../../nbs/23_model.tinyllava.ipynb #5e16fd88
 import json
@@ -18,6 +19,7 @@ import transformers
 from transformers import AutoConfig, AutoImageProcessor, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import revert_weight_conversion
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..data.template import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -262,12 +264,24 @@ def toy_tinyllava(llm: str = 'phi', vision: str = 'siglip', connector: str = 'ml
 transformers.AutoConfig.register("tinyllava", TinyLlavaConfig, exist_ok=True)
 transformers.AutoModelForCausalLM.register(TinyLlavaConfig, TinyLlavaForConditionalGeneration, exist_ok=True)
 
+def _conversions(model) -> list:
+    "The renamings between the model's weight names and the published ones; a model built, not loaded, gets them all."
+    if getattr(model, '_weight_conversions', None) is None:   # transformers would leave out the prefix changes
+        model._weight_conversions = get_model_conversion_mapping(model, add_legacy=False)
+    return model._weight_conversions
+
 @patch
 def save_pretrained(self: TinyLlavaForConditionalGeneration, save_directory, **kwargs):
     "Hugging Face's save, with every part's weights under its published names (CLIP/SigLIP: `vision_model.`)."
-    if getattr(self, '_weight_conversions', None) is None:     # built, not loaded: give transformers the full renaming to undo
-        self._weight_conversions = get_model_conversion_mapping(self, add_legacy=False)
+    _conversions(self)
     return super(TinyLlavaForConditionalGeneration, self).save_pretrained(save_directory, **kwargs)
+
+def published_names(model) -> dict:
+    "{a weight's name in the files `save_pretrained` writes: its name in the model}."
+    keys = list(model.state_dict()); _conversions(model)
+    saved = revert_weight_conversion(model, {k: torch.tensor([float(i)]) for i, k in enumerate(keys)})
+    if any(t.numel() != 1 for t in saved.values()): raise ValueError("saving this model splits or merges weights: its files cannot be read back by name")
+    return {k: keys[int(t)] for k, t in saved.items()}
 
 @patch
 def to_dict(self: TinyLlavaConfig) -> dict:

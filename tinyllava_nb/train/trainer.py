@@ -16,7 +16,9 @@ from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from safetensors.torch import load_file
 from ..data.dataset import LengthGroupedSampler
+from ..model.tinyllava import TinyLlavaForConditionalGeneration, _check_keys, published_names
 
 # %% ../../nbs/31_train.trainer.ipynb #38764150
 def check_numbers(a) -> None:
@@ -139,6 +141,20 @@ def _save_checkpoint(self: TinyLlavaTrainer, model, trial):
     self.accelerator.wait_for_everyone()                              # every rank's files are written
     if self.args.should_save: _publish(self, staging, run_dir / name)
     self.accelerator.wait_for_everyone()
+
+# %% ../../nbs/31_train.trainer.ipynb #7c624604
+@patch
+def _load_from_checkpoint(self: TinyLlavaTrainer, resume_from_checkpoint, model=None):
+    "The Trainer's resume, reading the weights by the published names `save_pretrained` wrote; every weight must fit."
+    model, ckpt = model or self.model, Path(resume_from_checkpoint)
+    index = ckpt / 'model.safetensors.index.json'
+    files = [ckpt / 'model.safetensors'] if (ckpt / 'model.safetensors').exists() else \
+            sorted({ckpt / f for f in json.loads(index.read_text())['weight_map'].values()}) if index.exists() else []
+    if not files or not isinstance(model, TinyLlavaForConditionalGeneration) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        return Trainer._load_from_checkpoint(self, resume_from_checkpoint, model)
+    names = published_names(model)
+    missing, unexpected = model.load_state_dict({names.get(k, k): v for f in files for k, v in load_file(f).items()}, strict=False)
+    _check_keys(ckpt, missing, unexpected, set(getattr(model, 'all_tied_weights_keys', {}) or {}))
 
 # %% ../../nbs/31_train.trainer.ipynb #40114039
 def _publish(trainer, staging: Path, final: Path):
