@@ -142,6 +142,18 @@ def _save_checkpoint(self: TinyLlavaTrainer, model, trial):
     if self.args.should_save: _publish(self, staging, run_dir / name)
     self.accelerator.wait_for_everyone()
 
+# %% ../../nbs/31_train.trainer.ipynb #40114039
+def _publish(trainer, staging: Path, final: Path):
+    "Rename the written checkpoint to `final` (replacing an older or torn one of that step), then rotate old ones."
+    if trainer.state.best_model_checkpoint == str(final):          # its saved state named the staging folder
+        trainer.state.save_to_json(staging / final.name / TRAINER_STATE_NAME)
+    old = final.rename(final.with_name(f'{STAGING}old-{final.name}')) if final.exists() else None
+    (staging / final.name).rename(final)
+    shutil.rmtree(staging)
+    if old: shutil.rmtree(old)
+    rotate_checkpoints(str(final.parent), trainer.args.save_total_limit, trainer.state.best_model_checkpoint,
+                       use_mtime=True)
+
 # %% ../../nbs/31_train.trainer.ipynb #7c624604
 @patch
 def _load_from_checkpoint(self: TinyLlavaTrainer, resume_from_checkpoint, model=None):
@@ -155,15 +167,3 @@ def _load_from_checkpoint(self: TinyLlavaTrainer, resume_from_checkpoint, model=
     names = published_names(model)
     missing, unexpected = model.load_state_dict({names.get(k, k): v for f in files for k, v in load_file(f).items()}, strict=False)
     _check_keys(ckpt, missing, unexpected, set(getattr(model, 'all_tied_weights_keys', {}) or {}))
-
-# %% ../../nbs/31_train.trainer.ipynb #40114039
-def _publish(trainer, staging: Path, final: Path):
-    "Rename the written checkpoint to `final` (replacing an older or torn one of that step), then rotate old ones."
-    if trainer.state.best_model_checkpoint == str(final):          # its saved state named the staging folder
-        trainer.state.save_to_json(staging / final.name / TRAINER_STATE_NAME)
-    old = final.rename(final.with_name(f'{STAGING}old-{final.name}')) if final.exists() else None
-    (staging / final.name).rename(final)
-    shutil.rmtree(staging)
-    if old: shutil.rmtree(old)
-    rotate_checkpoints(str(final.parent), trainer.args.save_total_limit, trainer.state.best_model_checkpoint,
-                       use_mtime=True)
