@@ -15,8 +15,8 @@ from fastcore.basics import patch
 from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-
 from safetensors.torch import load_file
+
 from ..data.dataset import LengthGroupedSampler
 from ..model.tinyllava import TinyLlavaForConditionalGeneration, _check_keys, published_names
 
@@ -159,10 +159,9 @@ def _publish(trainer, staging: Path, final: Path):
 def _load_from_checkpoint(self: TinyLlavaTrainer, resume_from_checkpoint, model=None):
     "The Trainer's resume, reading the weights by the published names `save_pretrained` wrote; every weight must fit."
     model, ckpt = model or self.model, Path(resume_from_checkpoint)
-    index = ckpt / 'model.safetensors.index.json'
-    files = [ckpt / 'model.safetensors'] if (ckpt / 'model.safetensors').exists() else \
-            sorted({ckpt / f for f in json.loads(index.read_text())['weight_map'].values()}) if index.exists() else []
-    if not files or not isinstance(model, TinyLlavaForConditionalGeneration) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+    index = ckpt / 'model.safetensors.index.json'      # a sharded save lists its files
+    files = sorted({ckpt / f for f in json.loads(index.read_text())['weight_map'].values()}) if index.exists() else [ckpt / 'model.safetensors']
+    if not all(f.exists() for f in files) or not isinstance(model, TinyLlavaForConditionalGeneration) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
         return Trainer._load_from_checkpoint(self, resume_from_checkpoint, model)
     names = published_names(model)
     missing, unexpected = model.load_state_dict({names.get(k, k): v for f in files for k, v in load_file(f).items()}, strict=False)
