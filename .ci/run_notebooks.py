@@ -4,6 +4,7 @@ Usage: python .ci/run_notebooks.py nbs/10_data.template.ipynb [...]   then `nbde
 Cells marked `#| eval: false` or with a flag from settings.ini's `tst_flags` (gpu, hub, slow) are not run,
 as in `nbdev_test` (execnb's `exec_nb` alone would run them)."""
 import os, re, sys
+os.environ.setdefault('TQDM_DISABLE', '1')          # tqdm reads it on import: no progress bars in saved outputs
 from pathlib import Path
 from execnb.nbio import read_nb, write_nb
 from execnb.shell import CaptureShell

@@ -19,7 +19,7 @@ def commands(nb_path: Path) -> list:
         if cell['cell_type'] == 'markdown':
             for block in re.findall(r'```bash\n(.*?)```', src, re.S):
                 for line in block.replace('\\\n', ' ').splitlines():
-                    line = line.lstrip('# ').strip()
+                    line = re.sub(r'^([A-Z_]+=\S+\s+)+', '', line.lstrip('# ').strip())    # PYTHONPATH=... tinyllava-nb ...
                     if line.startswith(STARTS): found.append(('shell', shlex.split(line)))
         else:
             found += [('shell', shlex.split(c)) for c in re.findall(r"sh\('([^']*)'\)", src) if c.startswith(STARTS)]
@@ -48,6 +48,7 @@ NOTEBOOKS = sorted((ROOT / 'tutorials').glob('*.ipynb'))
 @pytest.mark.parametrize('nb', NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_tutorial_commands_parse(nb, monkeypatch):
     monkeypatch.chdir(ROOT)                     # configs/ paths are relative to the repository
+    monkeypatch.syspath_prepend(str(ROOT / 'tutorials' / 'extensions'))     # what the tutorials' PYTHONPATH= gives `--import`
     for kind, argv in commands(nb):
         try: check(kind, argv)
         except (SystemExit, ValueError) as e: pytest.fail(f"{nb.name}: {' '.join(argv)} does not parse: {e!r}")

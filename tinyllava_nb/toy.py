@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['TOY_TEXT', 'toy_tokenizers', 'toy_llm_configs', 'toy_vision', 'TOY_COLOURS', 'ToyTokenizerSpec', 'toy_tokenizer',
-           'toy_tokenizer_table', 'toy_llm_config', 'ToyVisionSpec', 'toy_vision_config', 'toy_image_processor',
-           'toy_data']
+           'toy_family', 'toy_tokenizer_table', 'toy_llm_config', 'ToyVisionSpec', 'toy_vision_config',
+           'toy_image_processor', 'toy_data']
 
 # %% ../nbs/01_toy.ipynb #1e73cead
 import json
@@ -94,6 +94,11 @@ def toy_tokenizer(family: str,              # a registered toy family: llama, ge
     tok = cls(vocab=json.loads(vocab), merges=list(merges), model_max_length=model_max_length, **kwargs)
     if 'legacy' in kwargs: tok.init_kwargs['legacy'] = legacy   # transformers does not save `legacy` otherwise
     return tok
+
+# %% ../nbs/01_toy.ipynb #fcd976ef
+def toy_family(spec) -> str:
+    "'phi' for 'toy:phi', the name a config or the command line gives a toy part; None for a path or hub name."
+    return spec[4:] if isinstance(spec, str) and spec.startswith('toy:') else None
 
 # %% ../nbs/01_toy.ipynb #1be04611
 def toy_tokenizer_table(text: str = "USER: Is it red? ASSISTANT: Yes ü") -> str:

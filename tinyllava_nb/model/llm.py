@@ -16,6 +16,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..registry import Registry
+from ..toy import toy_family, toy_tokenizer
 
 # %% ../../nbs/20_model.llm.ipynb #75718ec1
 def _refuse_remote_code(what: str):
@@ -112,10 +113,14 @@ def llm_family(spec, trust_remote_code: bool = False) -> LLMFamily:
 
 # %% ../../nbs/20_model.llm.ipynb #18a8fdfe
 def load_tokenizer(name_or_path: str, family=None, model_max_length: int = None, padding_side: str = 'right'):
-    "A tokenizer from a directory or hub name, prepared by its LLM family's rule."
+    "A tokenizer from a directory, a hub name or `toy:FAMILY` (`toy:llama-legacy`: `legacy=True`), prepared by its LLM family's rule."
     kw = dict(padding_side=padding_side) | (dict(model_max_length=model_max_length) if model_max_length else {})
-    tok = AutoTokenizer.from_pretrained(name_or_path, **kw)
-    return llm_family(family or name_or_path).post_load(tok)
+    if not (toy := toy_family(name_or_path)):
+        return llm_family(family or name_or_path).post_load(AutoTokenizer.from_pretrained(name_or_path, **kw))
+    fam = 'llama' if toy == 'llama-legacy' else toy
+    tok = toy_tokenizer(fam, legacy=toy == 'llama-legacy', **{k: v for k, v in kw.items() if k == 'model_max_length'})
+    tok.padding_side = padding_side
+    return llm_family(family or fam).post_load(tok)
 
 # %% ../../nbs/20_model.llm.ipynb #54801a58
 def save_tokenizer(tok, path) -> Path:

@@ -27,6 +27,7 @@ from ..model.llm import llm_family, llms, load_tokenizer, read_config, save_toke
 from ..model.tinyllava import (TinyLlavaConfig, TinyLlavaForConditionalGeneration, load_pretrained,
                                           save_pretrained_all)
 from ..model.vision import split_vision_path, vision_config_of, vision_towers
+from ..toy import toy_family
 from .recipe import Recipe, apply_recipe, format_table
 from .trainer import STAGING, TinyLlavaTrainer, TrainingArguments, checkpoints, is_complete
 
@@ -87,18 +88,14 @@ def parse_args(argv: list = None) -> tuple:
     return tuple(args)
 
 # %% ../../nbs/32_train.run.ipynb #54d4107f
-def _toy_or(spec: str):
-    "'phi' for 'toy:phi', else None."
-    return spec[4:] if spec and spec.startswith('toy:') else None
-
 def check_args(m: ModelArguments, d: DataArguments, t: TrainingArguments) -> Recipe:
     "Raise an error saying what to change, for every problem visible in the arguments; return the recipe."
     recipe = Recipe.from_args(t).check(m.connector_type)
     # unknown names: each lookup raises an error listing the registered names
     if d.conv_version: templates[d.conv_version]
     connectors[connector_name(m.connector_type)]
-    if _toy_or(m.model_name_or_path): llms[_toy_or(m.model_name_or_path)]
-    if _toy_or(m.vision_tower): vision_towers[_toy_or(m.vision_tower)]
+    if toy_family(m.model_name_or_path): llms[toy_family(m.model_name_or_path)]
+    if toy_family(m.vision_tower): vision_towers[toy_family(m.vision_tower)]
     prefix, _ = split_vision_path(m.vision_tower)
     if prefix == 'mof' and not m.vision_tower2: raise ValueError("vision_tower 'mof:...' needs vision_tower2 (a DINOv2 model)")
     if not d.data_path: raise ValueError("data_path is not set: a LLaVA JSON / JSON-lines file")
@@ -207,7 +204,7 @@ def build_model(m: ModelArguments, t: TrainingArguments) -> tuple:
         if quant is not None: _load_llm(model, None, quant, m.trust_remote_code)
         return model.train(), tok, proc
     from tinyllava_nb.toy import toy_image_processor, toy_llm_config, toy_tokenizer, toy_vision_config
-    llm_toy, vis_toy = _toy_or(m.model_name_or_path), _toy_or(m.vision_tower)
+    llm_toy, vis_toy = toy_family(m.model_name_or_path), toy_family(m.vision_tower)
     if llm_toy:
         tok = llm_family(llm_toy).post_load(toy_tokenizer(llm_toy, model_max_length=m.model_max_length))
         text_config = toy_llm_config(llm_toy, tok)
