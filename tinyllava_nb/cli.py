@@ -202,7 +202,7 @@ SCORE_ARGS = {   # benchmark -> (scorer name, [(flag, required)])
 CONVERT_ARGS = {'vqav2': ('convert_vqav2', [('--question-file', True), ('--result-file', True), ('--dst', True)]),
                 'mmvet': ('convert_mmvet', [('--result-file', True), ('--dst', True)])}
 
-def _bench_args(table):
+def _scorer_args(table):     # `score` and `convert`: one subcommand per benchmark, its flags from the table
     def add(p):
         sub = p.add_subparsers(dest='benchmark', required=True, metavar='BENCHMARK')
         for name, (_, flags) in table.items():
@@ -210,7 +210,7 @@ def _bench_args(table):
             for flag, required in flags: q.add_argument(flag, required=required)
     return add
 
-def _bench_run(table):
+def _scorer_run(table):
     def run(args):
         from tinyllava_nb.eval import score
         fn, flags = table[args.benchmark]
@@ -221,8 +221,8 @@ def _bench_run(table):
 for _name, _cmd in {
     'chat': Command("chat with a model about an image (streamed; a conversation without --prompt)", _chat_args, _chat_run),
     'eval': Command("answer a benchmark's questions: eval BENCHMARK --model-path ... (resumes)", _eval_args, _eval_run),
-    'score': Command("score a benchmark's answers file with its official rules (one JSON object)", _bench_args(SCORE_ARGS), _bench_run(SCORE_ARGS)),
-    'convert': Command("write VQAv2's EvalAI upload or MM-Vet's grader input", _bench_args(CONVERT_ARGS), _bench_run(CONVERT_ARGS)),
+    'score': Command("score a benchmark's answers file with its official rules (one JSON object)", _scorer_args(SCORE_ARGS), _scorer_run(SCORE_ARGS)),
+    'convert': Command("write VQAv2's EvalAI upload or MM-Vet's grader input", _scorer_args(CONVERT_ARGS), _scorer_run(CONVERT_ARGS)),
 }.items(): commands.register(_name, _cmd)
 
 # %% ../nbs/90_cli.ipynb #caaeaefd

@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from .eval.run import run_benchmark
-from .eval.score import score_gqa, score_mme, score_pope
+from .eval.score import read_jsonl, score_gqa, score_mme, score_pope
 from .model.connector import connector_name, connectors
 from .model.llm import llms
 from .model.tinyllava import load_pretrained, save_pretrained_all, toy_tinyllava
@@ -126,9 +126,9 @@ def _right(text: str, truth: str) -> bool: return text.rstrip('.').lower() == tr
 def accuracy_by_shapes(world: dict, answers) -> dict:
     "{question type: {shapes in the picture ('1'..'3', JSON's keys): accuracy}}: does the model tell *which* shape is which, or only what is there?"
     n = {sc['image']: len(sc['things']) for sc in json.loads(Path(world['eval_scenes']).read_text())}
-    qs = {q['question_id']: q for q in map(json.loads, Path(world['vqa_questions']).read_text().splitlines())}
+    qs = {q['question_id']: q for q in read_jsonl(world['vqa_questions'], strict=True)[0]}
     gt, hits = json.loads(Path(world['vqa_gt']).read_text()), {}
-    for a in map(json.loads, Path(answers).read_text().splitlines()):
+    for a in read_jsonl(answers, strict=True)[0]:
         q = qs[a['question_id']]
         hits.setdefault(q['type'], {}).setdefault(str(n[q['image']]), []).append(_right(a['text'], gt[a['question_id']]['answer']))
     return {t: {k: sum(v) / len(v) for k, v in sorted(by_n.items())} for t, by_n in sorted(hits.items())}
@@ -201,9 +201,9 @@ def plot_predictions(out, world, n: int = 8):
     import matplotlib.pyplot as plt
     from PIL import Image
     gt = json.loads(Path(world['vqa_gt']).read_text())
-    answers = [json.loads(l) for l in (Path(out) / 'eval' / 'gqa_answers.jsonl').read_text().splitlines()][:n]
+    answers = read_jsonl(Path(out) / 'eval' / 'gqa_answers.jsonl', strict=True)[0][:n]
     fig, axs = plt.subplots(1, len(answers), figsize=(2 * len(answers), 2.6))
-    qs = {json.loads(l)['question_id']: json.loads(l) for l in Path(world['vqa_questions']).read_text().splitlines()}
+    qs = {q['question_id']: q for q in read_jsonl(world['vqa_questions'], strict=True)[0]}
     for ax, a in zip(axs, answers):
         q, truth = qs[a['question_id']], gt[a['question_id']]['answer']
         ax.imshow(Image.open(Path(world['root']) / q['image'])); ax.axis('off')

@@ -24,7 +24,7 @@ from transformers import (AutoProcessor, AutoTokenizer, GenerationConfig, LlavaC
 from .data.image import to_rgb
 from .data.template import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX, TemplateFactory
 from .eval.run import read_questions
-from .eval.score import read_jsonl
+from .eval.score import read_jsonl, write_jsonl
 from .infer import (conv_version_of, encode_question, generate_batch, generation_kwargs,
                                 image_preprocess_of)
 from .model.llm import llm_family, llms, read_config_json
@@ -97,8 +97,7 @@ def chat_template(conv_version: str,    # one of our template names: phi, llama,
                  ) -> str:
     "Our template `conv_version` as a Jinja chat template for LLaVA's processor."
     t, q = TemplateFactory(conv_version)(), json.dumps                  # q: a Jinja string literal
-    split = lambda f: f.slot.split('{{content}}') if '{{content}}' in f.slot else [f.slot, None]
-    (ih, it), (uh, ut), (ah, at) = split(t.format_image_token), split(t.format_user), split(t.format_assistant)
+    (ih, it), (uh, ut), (ah, at) = [(f.head, f.tail) for f in (t.format_image_token, t.format_user, t.format_assistant)]
     images = ("{%- for _ in range(n) %}{% set ns.q = (" + q(ih) + " + ns.q + " + q(it) + ")|trim %}{% endfor %}"
               if it is not None else "{%- if n %}{% set ns.q = " + q(ih) + "|trim %}{% endif %}")
     user = q(uh) + (" + ns.q + " + q(ut) if ut is not None else "")
@@ -553,7 +552,7 @@ def shapes_lmms_task(world: dict,            # `make_world`'s paths
     out.mkdir(parents=True, exist_ok=True)
     rows = [dict(question_id=q['question_id'], image=str(Path(world['root']).resolve() / q['image']), text=q['text'],
                  answer=gt[q['question_id']]['answer']) for q in read_questions('gqa', world['vqa_questions'])]
-    (out / f'{name}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    write_jsonl(out / f'{name}.jsonl', rows)
     fn = lambda f: f'!function tinyllava_nb.export.{f}'
     (out / f'{name}.yaml').write_text('\n'.join([
         f'task: {name}', 'dataset_path: json', 'dataset_kwargs:', '  data_files:',

@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from .eval.score import write_jsonl
+
 # %% ../nbs/60_world.ipynb #2df1c945
 COLOURS = dict(red=(215, 40, 40), green=(40, 165, 60), blue=(40, 80, 215), yellow=(235, 200, 30), purple=(140, 60, 185), orange=(240, 135, 25))
 SHAPES = ('circle', 'square', 'triangle', 'cross')
@@ -175,13 +177,11 @@ def make_world(output_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0
             pair = [(f'Is there a {t.name} in this image?', 'Yes'), (f'Is there a {c} {s} in this image?', 'No')]
             (out / 'eval' / 'MME' / task / f'{i}.txt').write_text(''.join(f'{q} Please answer yes or no.\t{a}\n' for q, a in pair))
             mme_q += [dict(question_id=f'{task}/{i}.png', image=f'{task}/{i}.png', text=f'{q} Please answer yes or no.') for q, _ in pair]
-    w = lambda p, rows: (out / p).write_text(''.join(json.dumps(r) + '\n' for r in rows))
     (out / 'pretrain.json').write_text(json.dumps(pretrain)); (out / 'finetune.json').write_text(json.dumps(finetune))
     (out / 'scenes.json').write_text(json.dumps(scenes)); (out / 'eval' / 'scenes.json').write_text(json.dumps(eval_scenes))
-    w('eval/vqa_questions.jsonl', vqa_q); (out / 'eval' / 'vqa_gt.json').write_text(json.dumps(vqa_gt))
-    w('eval/pope_questions.jsonl', pope_q); w('eval/mme_questions.jsonl', mme_q)
-    for kind, labels in pope_labels.items():
-        (out / 'eval' / 'pope' / f'coco_pope_{kind}.json').write_text(''.join(json.dumps({'label': l}) + '\n' for l in labels))
+    write_jsonl(out / 'eval/vqa_questions.jsonl', vqa_q); (out / 'eval' / 'vqa_gt.json').write_text(json.dumps(vqa_gt))
+    write_jsonl(out / 'eval/pope_questions.jsonl', pope_q); write_jsonl(out / 'eval/mme_questions.jsonl', mme_q)
+    for kind, labels in pope_labels.items(): write_jsonl(out / 'eval' / 'pope' / f'coco_pope_{kind}.json', [{'label': l} for l in labels])
     return dict(root=out, pretrain=out / 'pretrain.json', finetune=out / 'finetune.json', scenes=out / 'scenes.json',
                 eval_scenes=out / 'eval/scenes.json', vqa_questions=out / 'eval/vqa_questions.jsonl',
                 vqa_gt=out / 'eval/vqa_gt.json', pope_questions=out / 'eval/pope_questions.jsonl', pope_dir=out / 'eval/pope',

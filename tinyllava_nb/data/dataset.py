@@ -157,7 +157,8 @@ def summary(self: LazySupervisedDataset) -> dict:
                 bad=[(n, m) for n, _, m in self.bad] + [(self.samples[j]['_name'], message(j)) for j in late])
 
 # %% ../../nbs/12_data.dataset.ipynb #ddea8810
-def _lengths(self: LazySupervisedDataset) -> list:
+@patch(as_prop=True)
+def lengths(self: LazySupervisedDataset) -> list:
     "Tokens of each sample as the model sees it (each image counted as `num_image_tokens`)."
     if getattr(self, '_lengths_cache', None) is None:
         texts = [self.template.render(*split_turns(s['conversations']))[0] for s in self.samples]
@@ -166,9 +167,10 @@ def _lengths(self: LazySupervisedDataset) -> list:
         self._lengths_cache = [len(i) + n * self.num_image_tokens for i, n in zip(ids, n_img)]
     return self._lengths_cache
 
-LazySupervisedDataset.lengths = property(_lengths)
-LazySupervisedDataset.modality_lengths = property(
-    lambda self: [l if sample_images(s) else -l for l, s in zip(self.lengths, self.samples)])
+@patch(as_prop=True)
+def modality_lengths(self: LazySupervisedDataset) -> list:
+    "`lengths`, negative for text-only samples (how LLaVA's modality-grouped sampler tells them apart)."
+    return [l if sample_images(s) else -l for l, s in zip(self.lengths, self.samples)]
 
 # %% ../../nbs/12_data.dataset.ipynb #a2d341f7
 class DataCollatorForSupervisedDataset:

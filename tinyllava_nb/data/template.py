@@ -13,6 +13,7 @@ import bisect
 from dataclasses import dataclass
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 from ..registry import Registry
 
@@ -35,6 +36,11 @@ class Formatter:
     def head(self) -> str:
         "The text before `{{content}}`: what is written before an answer starts."
         return self.slot.split("{{content}}")[0]
+
+    @property
+    def tail(self) -> str:
+        "The text after `{{content}}` (after an answer: its end-of-turn text); None for a slot without the placeholder."
+        return self.slot.split("{{content}}", 1)[1] if "{{content}}" in self.slot else None
 
 # %% ../../nbs/10_data.template.ipynb #20c04621
 class SampleError(ValueError):
@@ -195,7 +201,8 @@ def _chunks(text: str, cuts: set) -> list:
     return out
 
 # %% ../../nbs/10_data.template.ipynb #b9f48997
-def _encode(self: Template,
+@patch
+def encode(self: Template,
             messages: list,        # LLaVA turns: [{'from': 'human'|'gpt', 'value': str}, ...]
             tokenizer,             # a Hugging Face tokenizer
             mode: str = 'train',   # 'train' -> input_ids + labels; 'infer' -> prompt ids for the last answer
@@ -206,8 +213,6 @@ def _encode(self: Template,
     input_ids, labels = tokenize_spans(text, spans, tokenizer)
     if mode == 'infer': return dict(input_ids=input_ids, prompt=text)
     return dict(input_ids=input_ids, labels=labels)
-
-Template.encode = _encode
 
 # %% ../../nbs/10_data.template.ipynb #6b618a0b
 import html
@@ -274,7 +279,7 @@ def check_encoding(template: Template, messages: list, tokenizer) -> None:
     "Assert the label guarantees for one conversation (see above); raises AssertionError naming the failure."
     enc = template.encode(messages, tokenizer)
     _, answers = split_turns(messages)
-    eot = template.format_assistant.slot.split("{{content}}")[1]
+    eot = template.format_assistant.tail
     decode = lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False).lstrip()
     got = [decode(r) for r in trained_runs(enc['labels'])]
     want = [decode(tokenizer(a + eot, add_special_tokens=False).input_ids) for a in answers]

@@ -4,9 +4,9 @@
 
 # %% auto #0
 __all__ = ['SQA_OPTIONS', 'EVALAI_CONTRACTIONS', 'NUMBER_MAP', 'ARTICLES', 'EVALAI_PUNCT', 'MME_TASKS', 'MMMU_DISCIPLINES',
-           'MMMU_SUBJECTS', 'read_jsonl', 'read_results', 'pair_answers', 'parse_sqa', 'score_sqa', 'score_gqa',
-           'evalai_normalize', 'vqa_normalize', 'textvqa_question', 'soft_accuracy', 'score_textvqa', 'score_vqav2',
-           'convert_vqav2', 'pope_yes_no', 'pope_metrics', 'pope_labels', 'score_pope', 'mme_yes_no',
+           'MMMU_SUBJECTS', 'read_jsonl', 'write_jsonl', 'read_results', 'pair_answers', 'parse_sqa', 'score_sqa',
+           'score_gqa', 'evalai_normalize', 'vqa_normalize', 'textvqa_question', 'soft_accuracy', 'score_textvqa',
+           'score_vqav2', 'convert_vqav2', 'pope_yes_no', 'pope_metrics', 'pope_labels', 'score_pope', 'mme_yes_no',
            'mme_ground_truth', 'score_mme', 'mmmu_choice', 'mmmu_normalize', 'mmmu_numbers', 'mmmu_open',
            'mmmu_correct', 'score_mmmu', 'convert_mmvet']
 
@@ -37,6 +37,12 @@ def read_jsonl(path, field: str = 'question_id',  # each line must be a JSON obj
         elif strict: raise ValueError(f"{path}:{n}: {why}")
         else: bad.append(f"{path}:{n}: {why}")
     return records, bad
+
+# %% ../../nbs/42_eval.score.ipynb #01f5eb19
+def write_jsonl(path, rows) -> Path:
+    "Write `rows` as JSON lines and return the path; a str row is written as it is (a line already encoded, or a broken one in a test)."
+    Path(path).write_text(''.join((r if isinstance(r, str) else json.dumps(r)) + '\n' for r in rows))
+    return Path(path)
 
 # %% ../../nbs/42_eval.score.ipynb #a696b23e
 def read_results(path) -> tuple:

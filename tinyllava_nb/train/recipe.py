@@ -10,6 +10,7 @@ __all__ = ['TUNE_TYPES', 'COMPONENTS', 'Recipe', 'lora_targets', 'apply_recipe',
 import importlib.util, re
 from dataclasses import dataclass
 
+from fastcore.basics import patch
 from torch import nn
 
 # %% ../../nbs/30_train.recipe.ipynb #1d9866ed
@@ -43,7 +44,8 @@ class Recipe:
     def uses_lora(self) -> bool: return any(t in ('lora', 'qlora') for t in self.tune_types().values())
 
 # %% ../../nbs/30_train.recipe.ipynb #ef217f09
-def _check(self: Recipe, connector_type: str = None) -> 'Recipe':
+@patch
+def check(self: Recipe, connector_type: str = None) -> 'Recipe':
     "Raise `ValueError` naming what to change if this recipe cannot run; return it otherwise."
     for comp, t in self.tune_types().items():
         if t not in TUNE_TYPES: raise ValueError(f"tune_type_{comp}={t!r} is not one of {', '.join(TUNE_TYPES)}")
@@ -62,8 +64,6 @@ def _check(self: Recipe, connector_type: str = None) -> 'Recipe':
     if self.connector in ('lora', 'qlora') and connector_type == 'identity':
         raise ValueError("tune_type_connector='lora' on the identity connector, which has no weights: use 'frozen'")
     return self
-
-Recipe.check = _check
 
 # %% ../../nbs/30_train.recipe.ipynb #925195d8
 def _layer_of(name: str) -> int:

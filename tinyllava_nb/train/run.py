@@ -203,10 +203,10 @@ def build_model(m: ModelArguments, t: TrainingArguments) -> tuple:
         model, tok, proc = load_pretrained(t.pretrained_model_path, trust_remote_code=m.trust_remote_code)
         if quant is not None: _load_llm(model, None, quant, m.trust_remote_code)
         return model.train(), tok, proc
-    from tinyllava_nb.toy import toy_image_processor, toy_llm_config, toy_tokenizer, toy_vision_config
+    from tinyllava_nb.toy import toy_image_processor, toy_llm_config, toy_vision_config
     llm_toy, vis_toy = toy_family(m.model_name_or_path), toy_family(m.vision_tower)
     if llm_toy:
-        tok = llm_family(llm_toy).post_load(toy_tokenizer(llm_toy, model_max_length=m.model_max_length))
+        tok = load_tokenizer(m.model_name_or_path, None, m.model_max_length, m.tokenizer_padding_side)
         text_config = toy_llm_config(llm_toy, tok)
     else:
         text_config = read_config(m.model_name_or_path, m.trust_remote_code)
