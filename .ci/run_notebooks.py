@@ -36,6 +36,13 @@ def drop_bars(nb):
             outs.append(o)
         if c.cell_type == 'code': c.outputs = outs
 
+def drop_widget_views(nb):
+    "A saved widget view has no widget state to render; where a widget gave an HTML view of itself (show_widget), keep that."
+    for c in nb.cells:
+        for o in c.get('outputs', []):
+            d = o.get('data', {})
+            if 'text/html' in d: d.pop('application/vnd.jupyter.widget-view+json', None)
+
 def run(path):
     path = Path(path).resolve()
     nb = read_nb(path)
@@ -44,7 +51,7 @@ def run(path):
     shell = CaptureShell(path)
     with working_directory(path.parent):
         shell.run_all(nb, exc_stop=True, preproc=skip)
-    drop_bars(nb)
+    drop_bars(nb); drop_widget_views(nb)
     write_nb(nb, path)
     print(f'ran {path.name}')
 

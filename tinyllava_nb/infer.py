@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['DECODE_ARGS', 'conv_version_of', 'encode_question', 'image_preprocess_of', 'generation_kwargs', 'generate_batch',
-           'chat', 'chat_turn', 'ChatWidget', 'gradio_app']
+           'chat', 'chat_turn', 'show_widget', 'ChatWidget', 'gradio_app']
 
 # %% ../nbs/40_infer.ipynb #10d175f6
 from pathlib import Path
@@ -84,6 +84,12 @@ def chat_turn(model, tokenizer, image_processor, image, question: str, history: 
     first = image is not None and not history
     return answer, list(history) + [(DEFAULT_IMAGE_TOKEN + '\n' + question if first else question, answer)]
 
+# %% ../nbs/40_infer.ipynb #1efd23b0
+def show_widget(widget, static_html: str):
+    "Display an ipywidgets `widget`; where widgets do not run (a saved notebook on GitHub or the docs site) readers see `static_html`."
+    from IPython.display import display
+    display({**widget._repr_mimebundle_(), 'text/html': static_html}, raw=True)
+
 # %% ../nbs/40_infer.ipynb #53807c48
 import io, html
 
@@ -120,9 +126,11 @@ class ChatWidget:
         self.question.value = ''
         return answer
 
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
+    def static_html(self) -> str:
+        "What a saved notebook (GitHub, the docs site) shows in place of the live widget: the conversation so far."
+        return '<p><i>A chat widget: in a live notebook, upload a picture and ask. The conversation so far:</i></p>' + self.log.value
+
+    def _ipython_display_(self): show_widget(self.widget, self.static_html())
 
 # %% ../nbs/40_infer.ipynb #32072d00
 def gradio_app(model, tokenizer, image_processor, conv_version: str = None, max_new_tokens: int = 128):

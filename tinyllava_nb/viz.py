@@ -17,7 +17,7 @@ from PIL import Image
 
 from .data.template import (DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, SampleError, TemplateFactory, show_labels,
                                         templates)
-from .infer import ChatWidget, image_preprocess_of
+from .infer import ChatWidget, image_preprocess_of, show_widget
 
 # %% ../nbs/50_viz.ipynb #f5a48c3f
 def patch_grid(model) -> tuple:
@@ -297,8 +297,8 @@ class TemplateExplorer:
         return self.out.value
 
     def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
+        show_widget(self.widget, f'<p><i>Template explorer (live in Jupyter): template {self.template.value!r}, '
+                                 f'tokenizer {self.tokenizer.value!r}</i></p>' + self.out.value)
 
 # %% ../nbs/50_viz.ipynb #e13688b6
 def figure_png(fig: plt.Figure, dpi: int = 72) -> bytes:
