@@ -1,5 +1,6 @@
-"Documentation: every exported function and class has a docstring (nbdev renders a show_doc for each from it)."
-import importlib, inspect, pkgutil
+"Documentation: every exported function and class has a docstring (nbdev renders a show_doc for each from it); README links resolve."
+import importlib, inspect, pkgutil, re
+from pathlib import Path
 
 import tinyllava_nb
 
@@ -13,3 +14,11 @@ def test_every_exported_symbol_has_a_docstring():
             if (inspect.isfunction(obj) or inspect.isclass(obj)) and not (obj.__doc__ or '').strip():
                 missing.append(f'{info.name}.{name}')
     assert not missing, missing
+
+
+def test_readme_links_resolve():
+    "Every relative link of README.md names a file of the repository (the README is read from the root)."
+    root = Path(__file__).resolve().parents[1]
+    links = re.findall(r'\]\(([^)#\s]+)\)', (root / 'README.md').read_text())
+    broken = [l for l in links if '://' not in l and not (root / l).exists()]
+    assert links and not broken, broken
