@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['TOY_TEXT', 'toy_tokenizers', 'toy_llm_configs', 'toy_vision', 'TOY_COLOURS', 'ToyTokenizerSpec', 'toy_tokenizer',
            'toy_family', 'toy_tokenizer_table', 'toy_llm_config', 'ToyVisionSpec', 'toy_vision_config',
-           'toy_image_processor', 'toy_data']
+           'toy_image_processor', 'toy_vision_parts', 'toy_data']
 
 # %% ../nbs/01_toy.ipynb #1e73cead
 import json
@@ -159,6 +159,10 @@ def toy_image_processor(family: str, image_size: int = 32):
     cls = getattr(transformers, spec.processor + 'Pil', None) or getattr(transformers, spec.processor)
     if spec.crop: return cls(size={'shortest_edge': image_size}, crop_size={'height': image_size, 'width': image_size})
     return cls(size={'height': image_size, 'width': image_size})
+
+def toy_vision_parts(vision: str) -> tuple:
+    "(tower, second tower or None) of a toy vision name: 'mof' is CLIP and DINOv2 side by side, on CLIP's pixels."
+    return ('clip', 'dinov2') if vision == 'mof' else (vision, None)
 
 # %% ../nbs/01_toy.ipynb #53a7c192
 import random

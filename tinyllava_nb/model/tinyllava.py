@@ -244,20 +244,20 @@ def toy_tinyllava(llm: str = 'phi', vision: str = 'siglip', connector: str = 'ml
                   vision_hidden_size: int = 32, seed: int = 0, hidden_size: int = 64, num_hidden_layers: int = 2,
                   vision_layers: int = 2, patch_size: int = 8, **kwargs) -> tuple:
     "(model, tokenizer, image_processor): a tiny random TinyLLaVA of the given parts, built offline."
-    from tinyllava_nb.toy import toy_image_processor, toy_llm_config, toy_tokenizer, toy_vision_config
-    tok = llm_family(llm).post_load(toy_tokenizer(llm))
+    from tinyllava_nb.toy import toy_image_processor, toy_llm_config, toy_tokenizer, toy_vision_config, toy_vision_parts
+    tok, (first, second) = llm_family(llm).post_load(toy_tokenizer(llm)), toy_vision_parts(vision)
     vcfg = lambda fam: toy_vision_config(fam, image_size=image_size, patch_size=patch_size, hidden_size=vision_hidden_size,
                                          num_hidden_layers=vision_layers)
     cfg = TinyLlavaConfig(text_config=toy_llm_config(llm, tok, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers),
-                          vision_config=vcfg('clip' if vision == 'mof' else vision),
+                          vision_config=vcfg(first),
                           connector_type=connector, vision_model_name_or_path=f'{vision}:toy' if vision == 'mof' else '',
-                          vision_config2=vcfg('dinov2') if vision == 'mof' else None,
+                          vision_config2=vcfg(second) if second else None,
                           num_queries=kwargs.pop('num_queries', 4), num_resampler_layers=kwargs.pop('num_resampler_layers', 1),
                           pad_token=tok.pad_token, pad_token_id=tok.pad_token_id,
                           tokenizer_model_max_length=tok.model_max_length, **kwargs)
     torch.manual_seed(seed)
     model = TinyLlavaForConditionalGeneration(cfg)
-    model.vision_tower.image_processor = toy_image_processor('clip' if vision == 'mof' else vision, image_size)
+    model.vision_tower.image_processor = toy_image_processor(first, image_size)
     return model, tok, model.vision_tower.image_processor
 
 # %% ../../nbs/23_model.tinyllava.ipynb #9f88d50d

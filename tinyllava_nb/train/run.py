@@ -203,7 +203,7 @@ def build_model(m: ModelArguments, t: TrainingArguments) -> tuple:
         model, tok, proc = load_pretrained(t.pretrained_model_path, trust_remote_code=m.trust_remote_code)
         if quant is not None: _load_llm(model, None, quant, m.trust_remote_code)
         return model.train(), tok, proc
-    from tinyllava_nb.toy import toy_image_processor, toy_llm_config, toy_vision_config
+    from tinyllava_nb.toy import toy_image_processor, toy_llm_config, toy_vision_config, toy_vision_parts
     llm_toy, vis_toy = toy_family(m.model_name_or_path), toy_family(m.vision_tower)
     if llm_toy:
         tok = load_tokenizer(m.model_name_or_path, None, m.model_max_length, m.tokenizer_padding_side)
@@ -212,9 +212,9 @@ def build_model(m: ModelArguments, t: TrainingArguments) -> tuple:
         text_config = read_config(m.model_name_or_path, m.trust_remote_code)
         tok = load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, text_config, m.model_max_length, m.tokenizer_padding_side)
     if vis_toy:
-        base = 'clip' if vis_toy == 'mof' else vis_toy
-        vision_config, proc = toy_vision_config(base), toy_image_processor(base)
-        vision_config2 = toy_vision_config('dinov2') if vis_toy == 'mof' else None
+        first, second = toy_vision_parts(vis_toy)
+        vision_config, proc = toy_vision_config(first), toy_image_processor(first)
+        vision_config2 = toy_vision_config(second) if second else None
     else:
         vision_config, proc = vision_config_of(m.vision_tower), AutoImageProcessor.from_pretrained(split_vision_path(m.vision_tower)[1])
         vision_config2 = vision_config_of(m.vision_tower2) if m.vision_tower2 else None
