@@ -21,7 +21,9 @@ def load_extensions(argv) -> list:
     "Import every installed `tinyllava_nb.plugins` entry point, then each `--import MODULE` at the front of `argv`; return the rest."
     from importlib import import_module
     from importlib.metadata import entry_points
-    for ep in entry_points(group=PLUGINS): ep.load()
+    for ep in entry_points(group=PLUGINS):
+        try: ep.load()
+        except Exception as e: raise ValueError(f"the installed extension {ep.name!r} ({ep.value}) failed to load: {e}") from e
     argv = list(argv)
     while argv[:1] == ['--import']:
         if len(argv) < 2: raise ValueError("--import needs a module name")
