@@ -118,8 +118,8 @@ def load_tokenizer(name_or_path: str, family=None, model_max_length: int = None,
     if not (toy := toy_family(name_or_path)):
         return llm_family(family or name_or_path).post_load(AutoTokenizer.from_pretrained(name_or_path, **kw))
     fam = 'llama' if toy == 'llama-legacy' else toy
-    tok = toy_tokenizer(fam, legacy=toy == 'llama-legacy', **{k: v for k, v in kw.items() if k == 'model_max_length'})
-    tok.padding_side = padding_side
+    tok = toy_tokenizer(fam, legacy=fam != toy)
+    for k, v in kw.items(): setattr(tok, k, v)                 # what from_pretrained's keywords set
     return llm_family(family or fam).post_load(tok)
 
 # %% ../../nbs/20_model.llm.ipynb #54801a58
