@@ -103,46 +103,52 @@ class LazySupervisedDataset(Dataset):
             raise SampleError(f"{len(self.bad)} of {len(raw)} samples in {self.path.name} are bad "
                               f"(pass skip_bad=True to leave them out and count them):\n{listing}")
 
-    def _check(self, s: dict) -> None:
-        "Raise `SampleError` if sample `s` cannot be trained on (cheap checks)."
-        convs = s.get('conversations')
-        if not isinstance(convs, list): raise SampleError("no conversations", "'conversations' must be a list of turns")
-        text, _ = self.template.render(*split_turns(convs))
-        check_unicode(s)
-        images, slots = sample_images(s), text.count(DEFAULT_IMAGE_TOKEN)
-        if slots != len(images):
-            raise SampleError("image count mismatch", f"{len(images)} image(s) but {slots} <image> slot(s) in the "
-                                                      "prompt")
-        if images and self.image_preprocess is None: raise SampleError("no image_preprocess", "the sample has an image")
-        for p in images:
-            try: found = (self.image_folder / p).is_file()
-            except OSError as e:                                    # e.g. a name too long, a folder not allowed
-                raise SampleError("unreadable image", f"{self.image_folder / p}: {e.strerror}") from None
-            if not found: raise SampleError("missing image", str(self.image_folder / p))
-
-    def _load(self, s: dict) -> dict:
-        "Encode, truncate and load the images of one sample."
-        out = self.template.encode(s['conversations'], self.tokenizer)
-        ids, labels, n_img = truncate(out['input_ids'], out['labels'], self.model_max_length, self.num_image_tokens)
-        images = [self.image_preprocess.open(self.image_folder / p) for p in sample_images(s)[:n_img]]
-        return dict(input_ids=ids, labels=labels, images=torch.stack(images) if images else None, id=s['_name'])
-
     def __len__(self): return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict:
-        "Sample `i`; with `skip_bad`, one that fails to load is counted and the next good one comes instead."
-        n, start = len(self), range(len(self))[i]                  # IndexError outside the dataset
-        for j in (k % n for k in range(start, start + n)):
-            if self.load_status[j]: continue                        # found bad before, here or in a worker
-            try: return self._load(self.samples[j])
-            except SampleError as e:
-                s, detail = self.samples[j], str(e).removeprefix(e.kind).removeprefix(': ')
-                e = SampleError(e.kind, f"sample {s['_name']!r} (#{s['_index']} in {self.path.name}): {detail}")
-                if not self.skip_bad: raise e from None
-                self.load_status[j] = LOAD_KINDS.index(e.kind if e.kind in LOAD_KINDS else 'other') + 1
-                self.load_errors[j] = str(e)
-                warnings.warn(f"skipped, the next good sample comes instead: {e}")
-        raise SampleError("no good sample", f"none of the {n} samples in {self.path.name} loads")
+# %% ../../nbs/12_data.dataset.ipynb #8d7caa03
+@patch
+def _check(self: LazySupervisedDataset, s: dict) -> None:
+    "Raise `SampleError` if sample `s` cannot be trained on (cheap checks)."
+    convs = s.get('conversations')
+    if not isinstance(convs, list): raise SampleError("no conversations", "'conversations' must be a list of turns")
+    text, _ = self.template.render(*split_turns(convs))
+    check_unicode(s)
+    images, slots = sample_images(s), text.count(DEFAULT_IMAGE_TOKEN)
+    if slots != len(images):
+        raise SampleError("image count mismatch", f"{len(images)} image(s) but {slots} <image> slot(s) in the "
+                                                  "prompt")
+    if images and self.image_preprocess is None: raise SampleError("no image_preprocess", "the sample has an image")
+    for p in images:
+        try: found = (self.image_folder / p).is_file()
+        except OSError as e:                                    # e.g. a name too long, a folder not allowed
+            raise SampleError("unreadable image", f"{self.image_folder / p}: {e.strerror}") from None
+        if not found: raise SampleError("missing image", str(self.image_folder / p))
+
+# %% ../../nbs/12_data.dataset.ipynb #9eed845a
+@patch
+def _load(self: LazySupervisedDataset, s: dict) -> dict:
+    "Encode, truncate and load the images of one sample."
+    out = self.template.encode(s['conversations'], self.tokenizer)
+    ids, labels, n_img = truncate(out['input_ids'], out['labels'], self.model_max_length, self.num_image_tokens)
+    images = [self.image_preprocess.open(self.image_folder / p) for p in sample_images(s)[:n_img]]
+    return dict(input_ids=ids, labels=labels, images=torch.stack(images) if images else None, id=s['_name'])
+
+# %% ../../nbs/12_data.dataset.ipynb #893b4451
+@patch
+def __getitem__(self: LazySupervisedDataset, i: int) -> dict:
+    "Sample `i`; with `skip_bad`, one that fails to load is counted and the next good one comes instead."
+    n, start = len(self), range(len(self))[i]                  # IndexError outside the dataset
+    for j in (k % n for k in range(start, start + n)):
+        if self.load_status[j]: continue                        # found bad before, here or in a worker
+        try: return self._load(self.samples[j])
+        except SampleError as e:
+            s, detail = self.samples[j], str(e).removeprefix(e.kind).removeprefix(': ')
+            e = SampleError(e.kind, f"sample {s['_name']!r} (#{s['_index']} in {self.path.name}): {detail}")
+            if not self.skip_bad: raise e from None
+            self.load_status[j] = LOAD_KINDS.index(e.kind if e.kind in LOAD_KINDS else 'other') + 1
+            self.load_errors[j] = str(e)
+            warnings.warn(f"skipped, the next good sample comes instead: {e}")
+    raise SampleError("no good sample", f"none of the {n} samples in {self.path.name} loads")
 
 # %% ../../nbs/12_data.dataset.ipynb #ad5b1c46
 @patch(as_prop=True)

@@ -55,7 +55,7 @@ SYSTEM = ("A chat between a curious user and an artificial intelligence assistan
 
 # %% ../../nbs/10_data.template.ipynb #af129226
 def split_turns(messages: list,          # [{'from': 'human'|'gpt', 'value': str}, ...]
-                mode: str = 'train',     # 'train': every question needs an answer; 'infer': the last answer is asked for
+                mode: str = 'train',     # 'train': every question needs an answer; 'infer': the last is asked
                ) -> tuple:
     "Questions and answers of a LLaVA conversation; in 'infer' mode the last answer is `None`."
     if mode not in ('train', 'infer'): raise ValueError(f"mode must be 'train' or 'infer', got {mode!r}")
@@ -64,7 +64,8 @@ def split_turns(messages: list,          # [{'from': 'human'|'gpt', 'value': str
         role = m.get('from') if isinstance(m, dict) else None
         if role != ('human', 'gpt')[i % 2]:
             expected = ('human', 'gpt')[i % 2]
-            raise SampleError("bad role", f"turn {i} is from {role!r}; expected {expected!r} (turns alternate human, gpt, ...)")
+            raise SampleError("bad role", f"turn {i} is from {role!r}; expected {expected!r} "
+                                          "(turns alternate human, gpt, ...)")
         last_infer = mode == 'infer' and i == len(messages) - 1 and role == 'gpt'
         if not isinstance(m.get('value'), str) and not last_infer:
             raise SampleError("bad value", f"turn {i} has value {m.get('value')!r}; expected a string")
@@ -73,7 +74,8 @@ def split_turns(messages: list,          # [{'from': 'human'|'gpt', 'value': str
     if mode == 'infer': answers = answers[:len(questions) - 1] + [None]
     elif len(answers) < len(questions): raise SampleError("unbalanced turns", "the last question has no answer")
     for i, a in enumerate(answers):
-        if a is not None and DEFAULT_IMAGE_TOKEN in a: raise SampleError("image in answer", f"answer {i} contains {DEFAULT_IMAGE_TOKEN!r}")
+        if a is not None and DEFAULT_IMAGE_TOKEN in a:
+            raise SampleError("image in answer", f"answer {i} contains {DEFAULT_IMAGE_TOKEN!r}")
     return questions, answers
 
 # %% ../../nbs/10_data.template.ipynb #a97b22b0
@@ -90,7 +92,8 @@ class Template:
         text, spans = "", []
         for i, (q, a) in enumerate(zip(questions, answers)):
             if i == 0: text += self.system.apply()
-            n_images, q = q.count(DEFAULT_IMAGE_TOKEN), q.replace(DEFAULT_IMAGE_TOKEN, '').strip() if DEFAULT_IMAGE_TOKEN in q else q
+            n_images = q.count(DEFAULT_IMAGE_TOKEN)
+            if n_images: q = q.replace(DEFAULT_IMAGE_TOKEN, '').strip()
             for _ in range(n_images): q = self.format_image_token.apply(q).strip()
             text += self.format_user.apply(q)
             head = self.format_assistant.head.rstrip()
@@ -143,9 +146,36 @@ class Qwen2BaseTemplate(Template):
 class Qwen2InstructTemplate(Template):
     format_assistant: Formatter = Formatter("ASSISTANT: {{content}}<|im_end|>")
 
-# %% ../../nbs/10_data.template.ipynb #9388af23
+# %% ../../nbs/10_data.template.ipynb #77f11e21
+def _chunks(text: str, cuts: set) -> list:
+    "(start, piece) for the pieces of `text` between `<image>` tokens and `cuts`; (None, None) for each image."
+    out, pos = [], 0
+    for k, part in enumerate(text.split(DEFAULT_IMAGE_TOKEN)):
+        if k: out.append((None, None)); pos += len(DEFAULT_IMAGE_TOKEN)
+        edges = [pos] + sorted(c for c in cuts if pos < c < pos + len(part)) + [pos + len(part)]
+        out += [(a, text[a:b]) for a, b in zip(edges[:-1], edges[1:]) if b > a or len(edges) == 2]
+        pos += len(part)
+    return out
+
+# %% ../../nbs/10_data.template.ipynb #e8d4c5fe
+class _Ids:                                                        # a slow tokenizer's piece: ids, no offsets
+    def __init__(self, ids): self.ids = ids
+
+def _encode_pieces(chunks: list, tokenizer, prefix: list) -> tuple:
+    "(ids with -200 at each image, where: (piece start, index of its first id, its length, its encoding) per piece)."
+    fast = getattr(tokenizer, 'is_fast', False)
+    pieces = [c for p, c in chunks if p is not None]
+    encs = iter([tokenizer.backend_tokenizer.encode(c, add_special_tokens=False) for c in pieces] if fast  # Rust
+                else [_Ids(i) for i in tokenizer(pieces, add_special_tokens=False)['input_ids']])
+    ids, where = list(prefix), []
+    for p, c in chunks:
+        if p is None: ids.append(IMAGE_TOKEN_INDEX); continue
+        enc = next(encs); where.append((p, len(ids), len(c), enc)); ids += enc.ids
+    return ids, where
+
+# %% ../../nbs/10_data.template.ipynb #45a6cd11
 def _first_token(enc, q: int, length: int) -> tuple:
-    "(index of the first token of `enc` starting at or after character `q` of its piece, whether a token straddles `q`)."
+    "(index of the first token of `enc` at or after character `q` of its piece, whether a token straddles `q`)."
     if q >= length: return len(enc.ids), False
     if not hasattr(enc, 'char_to_token'): return 0, False       # no offsets: pieces are cut at every boundary (q == 0)
     t, c = enc.char_to_token(q), q
@@ -155,9 +185,7 @@ def _first_token(enc, q: int, length: int) -> tuple:
     while t > 0 and enc.token_to_chars(t - 1)[0] >= q: t -= 1                # zero-width / shared-offset tokens at q
     return t, False
 
-class _Ids:                                                        # a slow tokenizer's piece: ids, no offsets
-    def __init__(self, ids): self.ids = ids
-
+# %% ../../nbs/10_data.template.ipynb #4439e534
 def tokenize_spans(text: str,            # the rendered prompt
                    spans: list,          # (start, end) character spans whose tokens are trained
                    tokenizer,            # a Hugging Face tokenizer
@@ -165,17 +193,10 @@ def tokenize_spans(text: str,            # the rendered prompt
     "`input_ids` (-200 at each `<image>`) and `labels` (-100 outside `spans`) from one tokenization of `text`."
     fast = getattr(tokenizer, 'is_fast', False)
     bounds = [b for s in spans for b in s]
-    cuts = set() if fast else set(bounds)
-    prefix = tokenizer.backend_tokenizer.encode("").ids if fast else tokenizer("").input_ids   # the BOS it adds, if any
+    cuts = set() if fast else set(bounds)                                 # no offsets: cut at every boundary
+    prefix = tokenizer.backend_tokenizer.encode("").ids if fast else tokenizer("").input_ids   # the BOS it adds
     while True:
-        chunks = _chunks(text, cuts)
-        pieces = [c for p, c in chunks if p is not None]
-        encs = iter([tokenizer.backend_tokenizer.encode(c, add_special_tokens=False) for c in pieces] if fast else   # Rust, no wrapper
-                    [_Ids(i) for i in tokenizer(pieces, add_special_tokens=False)['input_ids']])
-        ids, where = list(prefix), []                               # where: (piece start, its first id index, length, encoding)
-        for p, c in chunks:
-            if p is None: ids.append(IMAGE_TOKEN_INDEX); continue
-            enc = next(encs); where.append((p, len(ids), len(c), enc)); ids += enc.ids
+        ids, where = _encode_pieces(_chunks(text, cuts), tokenizer, prefix)
         starts, firsts, straddled = [w[0] for w in where], [], set()
         for b in bounds:                                            # the piece holding b (the later one at a cut)
             p, offset, length, enc = where[max(0, bisect.bisect_right(starts, b) - 1)]
@@ -189,16 +210,6 @@ def tokenize_spans(text: str,            # the rendered prompt
     for a, z in zip(firsts[::2], firsts[1::2]): labels[a:z] = ids[a:z]
     labels[ids == IMAGE_TOKEN_INDEX] = IGNORE_INDEX
     return torch.from_numpy(ids), torch.from_numpy(labels)
-
-def _chunks(text: str, cuts: set) -> list:
-    "(start, piece) for the pieces of `text` between `<image>` tokens and `cuts`; (None, None) for each image."
-    out, pos = [], 0
-    for k, part in enumerate(text.split(DEFAULT_IMAGE_TOKEN)):
-        if k: out.append((None, None)); pos += len(DEFAULT_IMAGE_TOKEN)
-        edges = [pos] + sorted(c for c in cuts if pos < c < pos + len(part)) + [pos + len(part)]
-        out += [(a, text[a:b]) for a, b in zip(edges[:-1], edges[1:]) if b > a or len(edges) == 2]
-        pos += len(part)
-    return out
 
 # %% ../../nbs/10_data.template.ipynb #b9f48997
 @patch

@@ -189,7 +189,48 @@ def prepare_output_dir(t: TrainingArguments):
     if resume: print(f"resuming from {resume}" + (f" (skipped as incomplete: {_names(torn)})" if torn else ''))
     return resume
 
-# %% ../../nbs/32_train.run.ipynb #26a38aa1
+# %% ../../nbs/32_train.run.ipynb #e7c9e23a
+def _text_parts(m: ModelArguments) -> tuple:
+    "(LLM config, tokenizer, toy family or None) of the run's LLM."
+    llm_toy = toy_family(m.model_name_or_path)
+    if llm_toy:
+        from tinyllava_nb.toy import toy_llm_config
+        tok = load_tokenizer(m.model_name_or_path, None, m.model_max_length, m.tokenizer_padding_side)
+        return toy_llm_config(llm_toy, tok), tok, llm_toy
+    text_config = read_config(m.model_name_or_path, m.trust_remote_code)
+    tok = load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, text_config, m.model_max_length,
+                         m.tokenizer_padding_side)
+    return text_config, tok, None
+
+# %% ../../nbs/32_train.run.ipynb #37b63d90
+def _vision_parts(m: ModelArguments) -> tuple:
+    "(vision config, second tower's config or None, image processor, toy name or None) of the run's tower(s)."
+    vis_toy = toy_family(m.vision_tower)
+    if vis_toy:
+        from tinyllava_nb.toy import toy_image_processor, toy_vision_config, toy_vision_parts
+        first, second = toy_vision_parts(vis_toy)
+        return (toy_vision_config(first), toy_vision_config(second) if second else None, toy_image_processor(first),
+                vis_toy)
+    vision_config = vision_config_of(m.vision_tower)
+    proc = AutoImageProcessor.from_pretrained(split_vision_path(m.vision_tower)[1])
+    return vision_config, vision_config_of(m.vision_tower2) if m.vision_tower2 else None, proc, None
+
+# %% ../../nbs/32_train.run.ipynb #28f8e971
+def _model_config(m: ModelArguments, text_config, tok, llm_toy, vision_config, vision_config2, vis_toy):
+    "The run's `TinyLlavaConfig`: both parts' configs, where their weights come from, connector and tokenizer settings."
+    if m.attn_implementation: text_config._attn_implementation = m.attn_implementation
+    vision_path = f'{vis_toy}:toy' if vis_toy == 'mof' else '' if vis_toy else m.vision_tower
+    return TinyLlavaConfig(
+        llm_model_name_or_path='' if llm_toy else m.model_name_or_path,
+        tokenizer_name_or_path=None if llm_toy else m.tokenizer_name_or_path,
+        vision_model_name_or_path=vision_path, vision_model_name_or_path2='' if vis_toy else m.vision_tower2,
+        connector_type=m.connector_type, text_config=text_config, vision_config=vision_config,
+        vision_config2=vision_config2, vision_feature_layer=m.mm_vision_select_layer,
+        vision_feature_select_strategy=m.mm_vision_select_feature, num_queries=m.num_queries,
+        num_resampler_layers=m.num_resampler_layers, tokenizer_model_max_length=m.model_max_length,
+        tokenizer_padding_side=m.tokenizer_padding_side, pad_token=tok.pad_token, pad_token_id=tok.pad_token_id)
+
+# %% ../../nbs/32_train.run.ipynb #baf44c0d
 def _quantization(t: TrainingArguments):
     if t.tune_type_llm != 'qlora': return None
     compute = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
@@ -203,34 +244,13 @@ def build_model(m: ModelArguments, t: TrainingArguments) -> tuple:
         model, tok, proc = load_pretrained(t.pretrained_model_path, trust_remote_code=m.trust_remote_code)
         if quant is not None: _load_llm(model, None, quant, m.trust_remote_code)
         return model.train(), tok, proc
-    from tinyllava_nb.toy import toy_image_processor, toy_llm_config, toy_vision_config, toy_vision_parts
-    llm_toy, vis_toy = toy_family(m.model_name_or_path), toy_family(m.vision_tower)
-    if llm_toy:
-        tok = load_tokenizer(m.model_name_or_path, None, m.model_max_length, m.tokenizer_padding_side)
-        text_config = toy_llm_config(llm_toy, tok)
-    else:
-        text_config = read_config(m.model_name_or_path, m.trust_remote_code)
-        tok = load_tokenizer(m.tokenizer_name_or_path or m.model_name_or_path, text_config, m.model_max_length, m.tokenizer_padding_side)
-    if vis_toy:
-        first, second = toy_vision_parts(vis_toy)
-        vision_config, proc = toy_vision_config(first), toy_image_processor(first)
-        vision_config2 = toy_vision_config(second) if second else None
-    else:
-        vision_config, proc = vision_config_of(m.vision_tower), AutoImageProcessor.from_pretrained(split_vision_path(m.vision_tower)[1])
-        vision_config2 = vision_config_of(m.vision_tower2) if m.vision_tower2 else None
-    if m.attn_implementation: text_config._attn_implementation = m.attn_implementation
-    config = TinyLlavaConfig(llm_model_name_or_path='' if llm_toy else m.model_name_or_path,
-                             tokenizer_name_or_path=None if llm_toy else m.tokenizer_name_or_path,
-                             vision_model_name_or_path=f'{vis_toy}:toy' if vis_toy == 'mof' else '' if vis_toy else m.vision_tower,
-                             vision_model_name_or_path2='' if vis_toy else m.vision_tower2, connector_type=m.connector_type,
-                             text_config=text_config, vision_config=vision_config, vision_config2=vision_config2,
-                             vision_feature_layer=m.mm_vision_select_layer, vision_feature_select_strategy=m.mm_vision_select_feature,
-                             num_queries=m.num_queries, num_resampler_layers=m.num_resampler_layers,
-                             tokenizer_model_max_length=m.model_max_length, tokenizer_padding_side=m.tokenizer_padding_side,
-                             pad_token=tok.pad_token, pad_token_id=tok.pad_token_id)
+    text_config, tok, llm_toy = _text_parts(m)
+    vision_config, vision_config2, proc, vis_toy = _vision_parts(m)
+    config = _model_config(m, text_config, tok, llm_toy, vision_config, vision_config2, vis_toy)
     torch.manual_seed(t.seed)
     model = TinyLlavaForConditionalGeneration(config, m.trust_remote_code)
-    if not llm_toy or quant is not None: _load_llm(model, None if llm_toy else m.model_name_or_path, quant, m.trust_remote_code)
+    if not llm_toy or quant is not None:
+        _load_llm(model, None if llm_toy else m.model_name_or_path, quant, m.trust_remote_code)
     if not vis_toy: model.vision_tower.load(split_vision_path(m.vision_tower)[1], m.vision_tower2 or None)
     model.vision_tower.image_processor = proc
     return model, tok, proc
