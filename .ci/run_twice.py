@@ -1,6 +1,7 @@
 """Every notebook runs top to bottom twice in one kernel (re-running cells is the basic notebook habit).
 
-Usage: python .ci/run_twice.py [notebooks...]   (default: nbs/*.ipynb); one kernel per core, as nbdev_test.
+Usage: python .ci/run_twice.py [notebooks...]   (default: nbs/*.ipynb and tutorials/*.ipynb); one kernel per core,
+as nbdev_test.
 Cells are skipped as nbdev_test skips them (its test flags, `#| eval: false`, the nbdev_export cell)."""
 import multiprocessing, os, sys, time
 os.environ.setdefault('IN_TEST', '1')                 # quiet(): one torch thread per kernel
@@ -25,7 +26,7 @@ def twice(path) -> str:
     return ''
 
 if __name__ == '__main__':
-    paths = sys.argv[1:] or sorted(map(str, Path('nbs').glob('*.ipynb')))
+    paths = sys.argv[1:] or sorted(map(str, [*Path('nbs').glob('*.ipynb'), *Path('tutorials').glob('*.ipynb')]))
     with ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context('spawn'), max_tasks_per_child=1) as ex: errors = [e for e in ex.map(twice, paths) if e]
     print('\n'.join(errors) or f"{len(paths)} notebooks ran twice in one kernel each")
     sys.exit(1 if errors else 0)

@@ -248,18 +248,18 @@ def test_training_skips_a_picture_found_bad_while_loading(tmp_path):
     "A run with a truncated picture: skipping on, it trains, saves and reports it; off, it fails naming the sample."
     import os, subprocess
     from pathlib import Path
-    from tinyllava_nb.toy import toy_data
-    data = toy_data(tmp_path / 'data', n=8)
-    bad = Path(data['image_folder']) / 'images' / '3.png'
+    from tinyllava_nb.world import make_world
+    data = make_world(tmp_path / 'data', n_train=8, n_eval=4)
+    bad = data['root'] / 'images' / 'train_3.png'
     bad.write_bytes(bad.read_bytes()[:40])                               # a copy cut short
     root = Path(__file__).resolve().parents[1]
     run = lambda out, *extra: subprocess.run(
         ['tinyllava-nb', 'train', str(root / 'configs/toy_pretrain.yaml'), '--data_path', str(data['pretrain']),
-         '--image_folder', str(data['image_folder']), '--output_dir', str(tmp_path / out), '--max_steps', '4',
+         '--image_folder', str(data['root']), '--output_dir', str(tmp_path / out), '--max_steps', '4',
          '--use_cpu', 'true', '--report_to', 'none', '--disable_tqdm', 'true', '--per_device_train_batch_size', '8', *extra],
         capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
     r = run('skip', '--skip_bad_samples', 'true')
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'skipped 1 of 8 samples' in r.stdout and (tmp_path / 'skip' / 'model.safetensors').exists()
     r = run('strict')
-    assert r.returncode != 0 and 'unreadable image' in r.stderr and '3.png' in r.stderr, r.stderr[-2000:]
+    assert r.returncode != 0 and 'unreadable image' in r.stderr and 'train_3.png' in r.stderr, r.stderr[-2000:]

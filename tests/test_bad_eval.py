@@ -150,10 +150,10 @@ def test_score_cli_reads_a_json_list(vqa):
 @pytest.fixture(scope='module')
 def toy(tmp_path_factory):
     from tinyllava_nb.model.tinyllava import toy_tinyllava
-    from tinyllava_nb.toy import toy_data
+    from tinyllava_nb.world import make_world
     d = tmp_path_factory.mktemp('run')
-    toy_data(d, n=4)
-    qs = [dict(question_id=i, image=f'images/{i % 4}.png', text=f'Is it red? ({i})') for i in range(10)]
+    make_world(d, n_train=4, n_eval=4)
+    qs = [dict(question_id=i, image=f'images/train_{i % 4}.png', text=f'Is it red? ({i})') for i in range(10)]
     return d, jsonl(d / 'q.jsonl', qs), toy_tinyllava('phi', 'siglip', 'mlp2x_gelu')
 
 def run(toy, answers, **kw):

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest, torch, transformers
 transformers.utils.logging.disable_progress_bar()
 from transformers import TrainerCallback
-from tinyllava_nb.toy import toy_data
+from tinyllava_nb.world import make_world
 from tinyllava_nb.train import run
 from tinyllava_nb.train.run import LOCK_FILE, check_args, lock_output_dir, parse_args, resume_point, train
 from tinyllava_nb.train.trainer import checkpoints, is_complete, param_groups
@@ -14,7 +14,7 @@ ENV = {**os.environ, 'OMP_NUM_THREADS': '1'}
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-    return toy_data(tmp_path_factory.mktemp('data'), n=16)
+    return make_world(tmp_path_factory.mktemp('data'), n_train=16, n_eval=4)
 
 def job(data, out, *flags) -> list:
     "A full finetune of 8 steps into `out` that saves every 4; later flags override."
@@ -191,7 +191,7 @@ def test_best_checkpoint_is_named_by_its_final_folder(data, tmp_path):
     from tinyllava_nb.model.tinyllava import toy_tinyllava
     from tinyllava_nb.train.trainer import TinyLlavaTrainer, TrainingArguments
     model, tok, proc = toy_tinyllava('phi', 'siglip', 'mlp2x_gelu')
-    ds = LazySupervisedDataset(data['finetune'], tok, 'phi', data['image_folder'], ImagePreprocess(proc, 'pad'), model.num_image_tokens)
+    ds = LazySupervisedDataset(data['finetune'], tok, 'phi', data['root'], ImagePreprocess(proc, 'pad'), model.num_image_tokens)
     out = tmp_path / 'best'
     args = TrainingArguments(output_dir=str(out), max_steps=8, per_device_train_batch_size=8, learning_rate=3e-3, use_cpu=True,
                              report_to='none', disable_tqdm=True, save_strategy='steps', save_steps=2, eval_strategy='steps',

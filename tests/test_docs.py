@@ -16,6 +16,22 @@ def test_every_exported_symbol_has_a_docstring():
     assert not missing, missing
 
 
+def test_api_reference_covers_every_exported_function_and_class():
+    "The docs site's API reference: nbdev's `add_show_docs` puts a `show_doc` after each exported cell for what it defines."
+    from nbdev.process import NBProcessor
+    from nbdev.processors import add_show_docs
+    root, missing = Path(__file__).resolve().parents[1], []
+    for nb in sorted((root / 'nbs').glob('[0-9]*.ipynb')):
+        exp = re.search(r'#\|\s*default_exp\s+([\w.]+)', nb.read_text())
+        if not exp: continue
+        proc = NBProcessor(nb, [add_show_docs]); proc.process()
+        shown = {c.source[len('show_doc('):-1] for c in proc.nb.cells if c.source.startswith('show_doc(')}
+        mod = importlib.import_module(f'tinyllava_nb.{exp.group(1)}')
+        missing += [f'{nb.name}: {n}' for n in mod.__all__
+                    if (inspect.isfunction(getattr(mod, n)) or inspect.isclass(getattr(mod, n))) and n not in shown]
+    assert not missing, missing
+
+
 def test_readme_links_resolve():
     "Every relative link of README.md names a file of the repository (the README is read from the root)."
     root = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import transformers
 os.environ.setdefault('DS_ACCELERATOR', 'cpu')
 transformers.utils.logging.disable_progress_bar()
 from transformers import TrainerCallback
-from tinyllava_nb.toy import toy_data
+from tinyllava_nb.world import make_world
 from tinyllava_nb.model.tinyllava import load_pretrained
 from tinyllava_nb.train import run
 from tinyllava_nb.train.run import check_args, merge_lora, parse_args, train
@@ -16,7 +16,7 @@ QUIET = ['--use_cpu', 'true', '--report_to', 'none', '--disable_tqdm', 'true', '
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-    return toy_data(tmp_path_factory.mktemp('data'), n=16)
+    return make_world(tmp_path_factory.mktemp('data'), n_train=16, n_eval=4)
 
 def losses(out_dir):
     return [h['loss'] for h in json.loads((Path(out_dir) / 'trainer_state.json').read_text())['log_history'] if 'loss' in h]
@@ -25,12 +25,12 @@ def fixed_batch(model, tok, data):
     from tinyllava_nb.data.dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
     from tinyllava_nb.data.image import ImagePreprocess
     proc = model.vision_tower.image_processor
-    ds = LazySupervisedDataset(data['finetune'], tok, 'phi', data['image_folder'], ImagePreprocess(proc, 'pad'), model.num_image_tokens)
+    ds = LazySupervisedDataset(data['finetune'], tok, 'phi', data['root'], ImagePreprocess(proc, 'pad'), model.num_image_tokens)
     return DataCollatorForSupervisedDataset(tok)([ds[i] for i in range(3)])
 
 def test_cli_pretrain_then_finetune(data, tmp_path):
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    common = ['--image_folder', str(data['image_folder'])] + QUIET
+    common = ['--image_folder', str(data['root'])] + QUIET
     r = subprocess.run(['tinyllava-nb', 'train', str(ROOT / 'configs/toy_pretrain.yaml'), '--data_path', str(data['pretrain']),
                         '--output_dir', str(tmp_path / 'pre'), '--max_steps', '12'] + common, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -46,7 +46,7 @@ def test_cli_pretrain_then_finetune(data, tmp_path):
     from tinyllava_nb.data.template import TemplateFactory
     sample = json.loads(data['finetune'].read_text())[0]
     ids = TemplateFactory('phi')().encode(sample['conversations'], tok, mode='infer')['input_ids'][None]
-    img = ImagePreprocess(proc, 'pad')(Image.open(data['image_folder'] / sample['image']))[None]
+    img = ImagePreprocess(proc, 'pad')(Image.open(data['root'] / sample['image']))[None]
     out = model.generate(ids, images=img, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape == (1, 4)
 
@@ -74,7 +74,7 @@ def test_deepspeed_two_processes(stage, data, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != 'ACCELERATE_USE_CPU'} | {'OMP_NUM_THREADS': '1'}
     cmd = ['torchrun', '--nproc_per_node', '2', '--master_port', str(port), str(script), str(Path(__file__).parent),
            json.dumps({k: str(v) for k, v in data.items()}),
-           '--data_path', str(data['finetune']), '--image_folder', str(data['image_folder']), '--conv_version', 'phi',
+           '--data_path', str(data['finetune']), '--image_folder', str(data['root']), '--conv_version', 'phi',
            '--tune_type_llm', 'full', '--learning_rate', '3e-3', '--max_steps', '12', '--output_dir', str(out),
            '--deepspeed', str(ROOT / f'configs/zero{stage}.json'), '--image_aspect_ratio', 'pad'] + QUIET
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -142,7 +142,7 @@ class StopAt(TrainerCallback):
 def test_resume_matches_uninterrupted_run(data, tmp_path):
     "The tower trains too: its weights are saved under their published names and must be read back by them."
     base = ['--data_path', str(data['finetune']), '--conv_version', 'phi', '--tune_type_llm', 'full', '--learning_rate', '3e-3',
-            '--tune_type_vision_tower', 'full', '--image_folder', str(data['image_folder']),
+            '--tune_type_vision_tower', 'full', '--image_folder', str(data['root']),
             '--max_steps', '8', '--save_strategy', 'steps', '--save_steps', '4', '--group_by_modality_length', 'true', '--seed', '3'] + QUIET
     train(*parse_args(base + ['--output_dir', str(tmp_path / 'a')]))
     train(*parse_args(base + ['--output_dir', str(tmp_path / 'b')]), callbacks=[StopAt(4)])
@@ -154,7 +154,7 @@ def test_resume_matches_uninterrupted_run(data, tmp_path):
 
 def test_packing_trains_like_padding(data, tmp_path):
     base = ['--data_path', str(data['finetune']), '--conv_version', 'phi', '--tune_type_llm', 'full', '--learning_rate', '3e-3',
-            '--max_steps', '6', '--seed', '3', '--image_folder', str(data['image_folder'])] + QUIET
+            '--max_steps', '6', '--seed', '3', '--image_folder', str(data['root'])] + QUIET
     train(*parse_args(base + ['--output_dir', str(tmp_path / 'pad')]))
     train(*parse_args(base + ['--output_dir', str(tmp_path / 'pack'), '--packing', 'true']))
     torch.testing.assert_close(torch.tensor(losses(tmp_path / 'pack')), torch.tensor(losses(tmp_path / 'pad')), rtol=1e-4, atol=1e-5)

@@ -12,7 +12,8 @@ EXT = Path(__file__).resolve().parents[1] / 'tutorials' / 'extensions'
 sys.path.insert(0, str(EXT))
 
 from tinyllava_nb.model.tinyllava import load_pretrained
-from tinyllava_nb.toy import toy_data, toy_tokenizer
+from tinyllava_nb.toy import toy_tokenizer
+from tinyllava_nb.world import make_world
 from tinyllava_nb.train.run import parse_args, train
 
 QUIET = ['--use_cpu', 'true', '--report_to', 'none', '--disable_tqdm', 'true', '--per_device_train_batch_size', '4',
@@ -35,9 +36,9 @@ def test_mistral_in_two_files_trains(tmp_path):
     cfg = transformers.MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                      num_key_value_heads=2, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     transformers.MistralForCausalLM(cfg).save_pretrained(tmp_path / 'mistral'); tok.save_pretrained(tmp_path / 'mistral')
-    data = toy_data(tmp_path / 'data', n=16)
+    data = make_world(tmp_path / 'data', n_train=16, n_eval=4)
     trainer = train(*parse_args(['--model_name_or_path', str(tmp_path / 'mistral'), '--data_path', str(data['finetune']),
-                                 '--image_folder', str(data['image_folder']), '--output_dir', str(tmp_path / 'run')] + QUIET))
+                                 '--image_folder', str(data['root']), '--output_dir', str(tmp_path / 'run')] + QUIET))
     losses = _losses(trainer)
     assert losses[-1] < losses[0] * 0.8, losses
     model, _, _ = load_pretrained(tmp_path / 'run')
@@ -49,10 +50,10 @@ def test_convnext_in_one_file_trains(tmp_path):
     cfg = transformers.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1], num_stages=2, patch_size=4, image_size=32)
     transformers.ConvNextModel(cfg).save_pretrained(tmp_path / 'convnext')
     transformers.ConvNextImageProcessorPil(size={'shortest_edge': 32}, crop_pct=1.0).save_pretrained(tmp_path / 'convnext')
-    data = toy_data(tmp_path / 'data', n=16)
+    data = make_world(tmp_path / 'data', n_train=16, n_eval=4)
     trainer = train(*parse_args(['--vision_tower', str(tmp_path / 'convnext'), '--mm_vision_select_layer', '-1',
                                  '--mm_vision_select_feature', 'cls_patch', '--data_path', str(data['finetune']),
-                                 '--image_folder', str(data['image_folder']), '--output_dir', str(tmp_path / 'run')] + QUIET))
+                                 '--image_folder', str(data['root']), '--output_dir', str(tmp_path / 'run')] + QUIET))
     losses = _losses(trainer)
     assert losses[-1] < losses[0] * 0.8, losses
     model, _, _ = load_pretrained(tmp_path / 'run')

@@ -41,24 +41,30 @@ class ModelArguments:
     vision_tower2: str = field(default='', metadata={'help': "the second tower of 'mof' (DINOv2)"})
     connector_type: str = 'mlp2x_gelu'
     mm_vision_select_layer: int = field(default=-2, metadata={'help': 'vision_feature_layer'})
-    mm_vision_select_feature: str = field(default='patch', metadata={'help': "vision_feature_select_strategy: 'patch' or 'cls_patch'"})
+    mm_vision_select_feature: str = field(default='patch',
+                                          metadata={'help': "vision_feature_select_strategy: 'patch' or 'cls_patch'"})
     num_queries: int = field(default=None, metadata={'help': 'qformer / resampler'})
     num_resampler_layers: int = field(default=None, metadata={'help': 'qformer / resampler'})
     model_max_length: int = 2048
     tokenizer_padding_side: str = 'right'
     attn_implementation: str = field(default=None, metadata={'help': "e.g. 'sdpa', 'eager', 'flash_attention_2'"})
-    trust_remote_code: bool = field(default=False, metadata={'help': "let a model's own Python code run (OpenELM); off: none runs"})
+    trust_remote_code: bool = field(default=False,
+                                    metadata={'help': "let a model's own Python code run (OpenELM); off: none runs"})
 
 @dataclass
 class DataArguments:
     "Which data, and how it becomes samples."
     data_path: str = field(default=None, metadata={'help': 'LLaVA JSON list or JSON lines'})
-    image_folder: str = field(default=None, metadata={'help': "image paths are relative to it (default: the data file's folder)"})
-    conv_version: str = field(default=None, metadata={'help': "chat template (default: the LLM family's); 'pretrain' for stage 1"})
+    image_folder: str = field(default=None,
+                              metadata={'help': "image paths are relative to it (default: the data file's folder)"})
+    conv_version: str = field(default=None,
+                              metadata={'help': "chat template (default: the LLM family's); 'pretrain' for stage 1"})
     image_aspect_ratio: str = field(default='square', metadata={'help': 'square, pad or anyres'})
     image_grid_pinpoints: str = None
-    skip_bad_samples: bool = field(default=False, metadata={'help': 'leave bad samples out (counted) instead of failing'})
-    full_check: bool = field(default=False, metadata={'help': 'decode every image and encode every sample before training'})
+    skip_bad_samples: bool = field(default=False,
+                                   metadata={'help': 'leave bad samples out (counted) instead of failing'})
+    full_check: bool = field(default=False,
+                             metadata={'help': 'decode every image and encode every sample before training'})
 
 # %% ../../nbs/32_train.run.ipynb #288eefb2
 def _yaml_to_argv(path) -> list:
@@ -97,13 +103,16 @@ def check_args(m: ModelArguments, d: DataArguments, t: TrainingArguments) -> Rec
     if toy_family(m.model_name_or_path): llms[toy_family(m.model_name_or_path)]
     if toy_family(m.vision_tower): vision_towers[toy_family(m.vision_tower)]
     prefix, _ = split_vision_path(m.vision_tower)
-    if prefix == 'mof' and not m.vision_tower2: raise ValueError("vision_tower 'mof:...' needs vision_tower2 (a DINOv2 model)")
+    if prefix == 'mof' and not m.vision_tower2:
+        raise ValueError("vision_tower 'mof:...' needs vision_tower2 (a DINOv2 model)")
     if not d.data_path: raise ValueError("data_path is not set: a LLaVA JSON / JSON-lines file")
     if not Path(d.data_path).is_file(): raise ValueError(f"data_path {d.data_path} does not exist")
-    if d.image_folder and not Path(d.image_folder).is_dir(): raise ValueError(f"image_folder {d.image_folder} does not exist")
+    if d.image_folder and not Path(d.image_folder).is_dir():
+        raise ValueError(f"image_folder {d.image_folder} does not exist")
     if t.pretrained_model_path and not (Path(t.pretrained_model_path) / 'config.json').is_file():
         raise ValueError(f"pretrained_model_path {t.pretrained_model_path} holds no model (no config.json)")
-    if isinstance(t.deepspeed, str) and not Path(t.deepspeed).is_file(): raise ValueError(f"deepspeed config {t.deepspeed} does not exist")
+    if isinstance(t.deepspeed, str) and not Path(t.deepspeed).is_file():
+        raise ValueError(f"deepspeed config {t.deepspeed} does not exist")
     out = Path(t.output_dir)
     blocker = next(p for p in (out, *out.parents) if p.exists())
     if not blocker.is_dir():
@@ -189,7 +198,7 @@ def prepare_output_dir(t: TrainingArguments):
     if resume: print(f"resuming from {resume}" + (f" (skipped as incomplete: {_names(torn)})" if torn else ''))
     return resume
 
-# %% ../../nbs/32_train.run.ipynb #e7c9e23a
+# %% ../../nbs/32_train.run.ipynb #3088a818
 def _text_parts(m: ModelArguments) -> tuple:
     "(LLM config, tokenizer, toy family or None) of the run's LLM."
     llm_toy = toy_family(m.model_name_or_path)
@@ -202,7 +211,7 @@ def _text_parts(m: ModelArguments) -> tuple:
                          m.tokenizer_padding_side)
     return text_config, tok, None
 
-# %% ../../nbs/32_train.run.ipynb #37b63d90
+# %% ../../nbs/32_train.run.ipynb #1100c601
 def _vision_parts(m: ModelArguments) -> tuple:
     "(vision config, second tower's config or None, image processor, toy name or None) of the run's tower(s)."
     vis_toy = toy_family(m.vision_tower)
@@ -215,7 +224,7 @@ def _vision_parts(m: ModelArguments) -> tuple:
     proc = AutoImageProcessor.from_pretrained(split_vision_path(m.vision_tower)[1])
     return vision_config, vision_config_of(m.vision_tower2) if m.vision_tower2 else None, proc, None
 
-# %% ../../nbs/32_train.run.ipynb #28f8e971
+# %% ../../nbs/32_train.run.ipynb #1070b20c
 def _model_config(m: ModelArguments, text_config, tok, llm_toy, vision_config, vision_config2, vis_toy):
     "The run's `TinyLlavaConfig`: both parts' configs, where their weights come from, connector and tokenizer settings."
     if m.attn_implementation: text_config._attn_implementation = m.attn_implementation
@@ -230,7 +239,7 @@ def _model_config(m: ModelArguments, text_config, tok, llm_toy, vision_config, v
         num_resampler_layers=m.num_resampler_layers, tokenizer_model_max_length=m.model_max_length,
         tokenizer_padding_side=m.tokenizer_padding_side, pad_token=tok.pad_token, pad_token_id=tok.pad_token_id)
 
-# %% ../../nbs/32_train.run.ipynb #baf44c0d
+# %% ../../nbs/32_train.run.ipynb #5405e53c
 def _quantization(t: TrainingArguments):
     if t.tune_type_llm != 'qlora': return None
     compute = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
@@ -288,7 +297,8 @@ class LossPrinter(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or 'loss' not in (logs or {}): return
         if state.global_step % max(1, state.max_steps // 10) == 0 or state.global_step == state.max_steps:
-            print(f"step {state.global_step:>6}/{state.max_steps}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.2e}")
+            print(f"step {state.global_step:>6}/{state.max_steps}  loss {logs['loss']:.4f}  "
+                  f"lr {logs.get('learning_rate', 0):.2e}")
 
 def train(m: ModelArguments, d: DataArguments, t: TrainingArguments, callbacks: list = None):
     "Run one training stage in its locked output_dir; return the trainer (its `state.log_history` holds the losses)."
@@ -303,7 +313,8 @@ def _report_skipped(data, t: TrainingArguments, gather: bool = False):
         found = data.load_status.to(t.device)
         torch.distributed.all_reduce(found, op=torch.distributed.ReduceOp.MAX); data.load_status.copy_(found.cpu())
     s = data.summary
-    if s['skipped'] and t.process_index == 0: print(f"skipped {s['skipped']} of {s['samples']} samples: {dict(s['reasons'])}")
+    if s['skipped'] and t.process_index == 0:
+        print(f"skipped {s['skipped']} of {s['samples']} samples: {dict(s['reasons'])}")
 
 def _stage(m: ModelArguments, d: DataArguments, t: TrainingArguments, recipe: Recipe, resume: str, callbacks: list):
     "Build, train from `resume` (a checkpoint or None) and save one stage."
@@ -318,21 +329,25 @@ def _stage(m: ModelArguments, d: DataArguments, t: TrainingArguments, recipe: Re
     if t.process_index == 0: print(format_table(table))
     template = d.conv_version or llm_family(model.config.text_config).template
     base_model = model.get_base_model() if hasattr(model, 'get_base_model') else model
-    data = LazySupervisedDataset(d.data_path, tok, template, d.image_folder, ImagePreprocess(proc, d.image_aspect_ratio, d.image_grid_pinpoints),
+    data = LazySupervisedDataset(d.data_path, tok, template, d.image_folder,
+                                 ImagePreprocess(proc, d.image_aspect_ratio, d.image_grid_pinpoints),
                                  num_image_tokens=base_model.num_image_tokens, model_max_length=tok.model_max_length,
                                  skip_bad=d.skip_bad_samples, full_check=d.full_check)
     _report_skipped(data, t)
-    trainer = TinyLlavaTrainer(model=model, args=t, train_dataset=data, data_collator=DataCollatorForSupervisedDataset(tok, packing=t.packing),
+    trainer = TinyLlavaTrainer(model=model, args=t, train_dataset=data,
+                               data_collator=DataCollatorForSupervisedDataset(tok, packing=t.packing),
                                processing_class=tok, callbacks=callbacks)
     if t.disable_tqdm: trainer.remove_callback(PrinterCallback); trainer.add_callback(LossPrinter)
     trainer.train(resume_from_checkpoint=resume)
     _report_skipped(data, t, gather=True)                  # and the samples found bad while loading
-    lora_base = (base_dir or t.pretrained_model_path) if recipe.uses_lora() else None   # the model a LoRA adapter applies to
+    # the model a LoRA adapter applies to
+    lora_base = (base_dir or t.pretrained_model_path) if recipe.uses_lora() else None
     save_run(trainer, tok, proc, lora_base)
     return trainer
 
 def main(argv: list = None):
-    "Entry point: `python -m tinyllava_nb.train.run [config.yaml] [--flag value ...]` (also under torchrun / deepspeed)."
+    ("Entry point: `python -m tinyllava_nb.train.run [config.yaml] [--flag value ...]` "
+     "(also under torchrun / deepspeed).")
     return train(*parse_args(argv))
 
 # %% ../../nbs/32_train.run.ipynb #82b23aef
