@@ -22,10 +22,12 @@ def commands(nb_path: Path) -> list:
                     line = re.sub(r'^([A-Z_]+=\S+\s+)+', '', line.lstrip('# ').strip())    # PYTHONPATH=... tinyllava-nb ...
                     if line.startswith(STARTS): found.append(('shell', shlex.split(line)))
         else:
-            found += [('shell', shlex.split(c)) for c in re.findall(r"sh\('([^']*)'\)", src) if c.startswith(STARTS)]
             for call in ast.walk(ast.parse('\n'.join(l for l in src.splitlines() if not l.startswith(('%', '!'))))):
-                if isinstance(call, ast.Call) and getattr(call.func, 'id', None) == 'main' and call.args:
-                    found.append(('train', ast.literal_eval(call.args[0])))
+                if not (isinstance(call, ast.Call) and call.args): continue
+                name, arg = getattr(call.func, 'id', None), call.args[0]
+                if name == 'sh' and isinstance(arg, ast.Constant) and arg.value.startswith(STARTS):   # 'a' 'b': one
+                    found.append(('shell', shlex.split(arg.value)))
+                if name == 'main': found.append(('train', ast.literal_eval(arg)))
     return found
 
 

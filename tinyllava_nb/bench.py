@@ -61,7 +61,8 @@ def conversations(n: int, seed: int = 0) -> list:
     text = lambda lo, hi: ' '.join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
     out = []
     for _ in range(n):
-        conv = [t for r in range(rng.randint(1, 4)) for t in ({'from': 'human', 'value': text(5, 20)}, {'from': 'gpt', 'value': text(5, 60)})]
+        conv = [t for r in range(rng.randint(1, 4))
+                for t in ({'from': 'human', 'value': text(5, 20)}, {'from': 'gpt', 'value': text(5, 60)})]
         if rng.random() < 0.5: conv[0]['value'] = '<image>\n' + conv[0]['value']
         out.append(conv)
     return out
@@ -97,7 +98,8 @@ def loop_merge(input_ids, attention_mask, labels, features, sizes, embed_tokens)
     new_labels = torch.stack([torch.cat([l, l.new_full((width - len(l),), IGNORE_INDEX)]) for l in labs])
     return embeds, (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).long(), new_labels
 
-def merge_batch(batch: int = 8, text: int = 300, image_tokens: int = 729, hidden: int = 2560, vocab: int = 4096, seed: int = 0) -> tuple:
+def merge_batch(batch: int = 8, text: int = 300, image_tokens: int = 729, hidden: int = 2560, vocab: int = 4096,
+                seed: int = 0) -> tuple:
     "A right-padded batch with one image slot per sample (text lengths 60-100 % of `text`), features and an embedding."
     g = torch.Generator().manual_seed(seed)
     lengths = [int(text * (0.6 + 0.4 * torch.rand(1, generator=g))) for _ in range(batch)]
@@ -115,7 +117,8 @@ def bench_merge(rounds: int = 5, **shape) -> Row:
     ours = lambda: merge_image_features(ids, mask, labels, feats, sizes, emb)
     ref = lambda: loop_merge(ids, mask, labels, feats, sizes, emb)
     (e1, m1, _, l1), (e2, m2, l2) = ours(), ref()
-    if not (torch.equal(m1, m2) and torch.equal(l1, l2) and torch.equal(e1[m1.bool()], e2[m2.bool()])):   # padding's vectors unused
+    # padding's vectors unused
+    if not (torch.equal(m1, m2) and torch.equal(l1, l2) and torch.equal(e1[m1.bool()], e2[m2.bool()])):
         raise AssertionError("merge differs from the loop")
     def step(f):
         def run(): f()[0].sum().backward(); feats.grad = None; emb.weight.grad = None
@@ -123,27 +126,33 @@ def bench_merge(rounds: int = 5, **shape) -> Row:
     s = compare(dict(ours=step(ours), ref=step(ref)), rounds)
     B, T = ids.shape
     return Row('merge: loop / ours', s['ref'] / s['ours'], 1.2,
-               detail=f"B={B}, ~{T} text + {int(sizes[0])} image tokens, hidden {feats.shape[1]}: {s['ours'] * 1e3:.1f} vs {s['ref'] * 1e3:.1f} ms")
+               detail=f"B={B}, ~{T} text + {int(sizes[0])} image tokens, hidden {feats.shape[1]}: "
+                      f"{s['ours'] * 1e3:.1f} vs {s['ref'] * 1e3:.1f} ms")
 
 # %% ../nbs/70_bench.ipynb #13477b33
 def train_parts(llm_hidden: int = 64, llm_layers: int = 2, vision_hidden: int = 32, vision_layers: int = 2,
-                image_size: int = 32, patch_size: int = 8, batch: int = 4, prompt: int = 24, answer: int = 40, seed: int = 0) -> tuple:
+                image_size: int = 32, patch_size: int = 8, batch: int = 4, prompt: int = 24, answer: int = 40,
+                seed: int = 0) -> tuple:
     "(model, tokenizer, batch dict) for a llama + clip + mlp2x_gelu model; every sample: prompt, image, answer."
-    model, tok, _ = toy_tinyllava('llama', 'clip', 'mlp2x_gelu', image_size=image_size, patch_size=patch_size, hidden_size=llm_hidden,
-                                  num_hidden_layers=llm_layers, vision_hidden_size=vision_hidden, vision_layers=vision_layers, seed=seed,
-                                  num_attention_heads=max(2, llm_hidden // 64), num_key_value_heads=max(2, llm_hidden // 64))
+    model, tok, _ = toy_tinyllava('llama', 'clip', 'mlp2x_gelu', image_size=image_size, patch_size=patch_size,
+                                  hidden_size=llm_hidden, num_hidden_layers=llm_layers,
+                                  vision_hidden_size=vision_hidden, vision_layers=vision_layers, seed=seed,
+                                  num_attention_heads=max(2, llm_hidden // 64),
+                                  num_key_value_heads=max(2, llm_hidden // 64))
     g = torch.Generator().manual_seed(seed)
     text = lambda n: torch.randint(3, tok.vocab_size - 1, (batch, n), generator=g)
     pre, post = text(prompt), text(answer)
     ids = torch.cat([pre, torch.full((batch, 1), IMAGE_TOKEN_INDEX), post], 1)
     labels = torch.cat([torch.full((batch, prompt + 1), IGNORE_INDEX), post], 1)
     pixels = torch.randn(batch, 3, image_size, image_size, generator=g)
-    return model, tok, dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, images=pixels, pre=pre, post=post)
+    return model, tok, dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, images=pixels, pre=pre,
+                            post=post)
 
 def limit_loss(model, b: dict) -> torch.Tensor:
     "The limit: tower + connector, `inputs_embeds` by concatenation, the LLM."
     cfg = model.config
-    feats = model.connector(model.vision_tower(b['images'], cfg.vision_feature_layer, cfg.vision_feature_select_strategy))
+    feats = model.connector(model.vision_tower(b['images'], cfg.vision_feature_layer,
+                                               cfg.vision_feature_select_strategy))
     emb = model.get_input_embeddings()
     embeds = torch.cat([emb(b['pre']), feats, emb(b['post'])], 1)
     K = feats.shape[1]
@@ -152,21 +161,25 @@ def limit_loss(model, b: dict) -> torch.Tensor:
 
 def our_loss(model, b: dict) -> torch.Tensor:
     "Our model on the batch as the data pipeline makes it."
-    return model(input_ids=b['input_ids'], attention_mask=b['attention_mask'], labels=b['labels'], images=b['images'], use_cache=False).loss
+    return model(input_ids=b['input_ids'], attention_mask=b['attention_mask'], labels=b['labels'], images=b['images'],
+                 use_cache=False).loss
 
 # %% ../nbs/70_bench.ipynb #12ceef74
 def llava_twin(model):
     "transformers' LlavaForConditionalGeneration with `model`'s configs and weights (vision tower frozen)."
     from transformers import LlavaConfig, LlavaForConditionalGeneration
     c = model.config
-    lcfg = LlavaConfig(vision_config=c.vision_config.to_dict(), text_config=c.text_config.to_dict(), image_token_id=c.text_config.vocab_size - 1,
-                       projector_hidden_act='gelu', vision_feature_layer=c.vision_feature_layer,
-                       vision_feature_select_strategy='default' if c.vision_feature_select_strategy == 'patch' else 'full',
+    lcfg = LlavaConfig(vision_config=c.vision_config.to_dict(), text_config=c.text_config.to_dict(),
+                       image_token_id=c.text_config.vocab_size - 1, projector_hidden_act='gelu',
+                       vision_feature_layer=c.vision_feature_layer,
+                       vision_feature_select_strategy='default' if c.vision_feature_select_strategy == 'patch'
+                                                      else 'full',
                        image_seq_length=model.num_image_tokens)
     llava = LlavaForConditionalGeneration(lcfg)
-    rename = [('vision_tower._vision_tower.', 'model.vision_tower.'), ('connector._connector.0.', 'model.multi_modal_projector.linear_1.'),
-              ('connector._connector.2.', 'model.multi_modal_projector.linear_2.'), ('language_model.model.', 'model.language_model.'),
-              ('language_model.lm_head.', 'lm_head.')]
+    rename = [('vision_tower._vision_tower.', 'model.vision_tower.'),
+              ('connector._connector.0.', 'model.multi_modal_projector.linear_1.'),
+              ('connector._connector.2.', 'model.multi_modal_projector.linear_2.'),
+              ('language_model.model.', 'model.language_model.'), ('language_model.lm_head.', 'lm_head.')]
     state = {}
     for k, v in model.state_dict().items():
         for a, z in rename:
@@ -182,7 +195,8 @@ def llava_loss(llava, b: dict, K: int) -> torch.Tensor:
     B = len(b['pre'])
     ids = torch.cat([b['pre'], torch.full((B, K), img), b['post']], 1)
     labels = torch.cat([torch.full((B, b['pre'].shape[1] + K), IGNORE_INDEX), b['post']], 1)
-    return llava(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=b['images'], labels=labels, use_cache=False).loss
+    return llava(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=b['images'], labels=labels,
+                 use_cache=False).loss
 
 def saved_bytes(loss_fn) -> int:
     "Bytes of the tensors autograd saves for backward during `loss_fn()` (activation memory), then backward."
@@ -215,11 +229,15 @@ def bench_train(rounds: int = 5, name: str = 'toy', **size) -> list:
     mem = dict(ours=saved_bytes(lambda: our_loss(model, b)), llava=saved_bytes(lambda: llava_loss(llava, b, K)))
     model.zero_grad(set_to_none=True); llava.zero_grad(set_to_none=True)
     T = b['input_ids'].shape[1] - 1 + K
-    shape = f"{name}: B={len(b['pre'])}, {T} tokens, LLM {model.config.text_config.hidden_size}x{model.config.text_config.num_hidden_layers}"
-    return [Row(f'train {name}: ours / limit', s['ours'] / s['limit'], 1.05, False, f"{shape}: {s['ours'] * 1e3:.0f} vs {s['limit'] * 1e3:.0f} ms"),
-            Row(f'train {name}: ours / LLaVA', s['ours'] / s['llava'], 1.0, False, f"{s['ours'] * 1e3:.0f} vs {s['llava'] * 1e3:.0f} ms"),
+    shape = (f"{name}: B={len(b['pre'])}, {T} tokens, "
+             f"LLM {model.config.text_config.hidden_size}x{model.config.text_config.num_hidden_layers}")
+    return [Row(f'train {name}: ours / limit', s['ours'] / s['limit'], 1.05, False,
+                f"{shape}: {s['ours'] * 1e3:.0f} vs {s['limit'] * 1e3:.0f} ms"),
+            Row(f'train {name}: ours / LLaVA', s['ours'] / s['llava'], 1.0, False,
+                f"{s['ours'] * 1e3:.0f} vs {s['llava'] * 1e3:.0f} ms"),
             Row(f'memory {name}: ours / LLaVA', mem['ours'] / mem['llava'], 1.0, False,
-                f"saved for backward {mem['ours'] / 2**20:.2f} vs {mem['llava'] / 2**20:.2f} MiB ({(mem['ours'] - mem['llava']) / 1024:+.1f} KB)",
+                f"saved for backward {mem['ours'] / 2**20:.2f} vs {mem['llava'] / 2**20:.2f} MiB "
+                f"({(mem['ours'] - mem['llava']) / 1024:+.1f} KB)",
                 equal=1e-3)]
 
 # %% ../nbs/70_bench.ipynb #ba27bdbd
@@ -234,7 +252,9 @@ def bench_eval(n: int = 32, batch: int = 16, new_tokens: int = 8, rounds: int = 
     pre = ImagePreprocess(proc, 'pad')
     pixels = [pre(draw(s)) for s in scenes]
     gen = dict(max_new_tokens=new_tokens, do_sample=False)
-    def answers(bs): return [a for i in range(0, n, bs) for a in generate_batch(model, tok, prompts[i:i + bs], pixels[i:i + bs], **gen)]
+    def answers(bs):
+        return [a for i in range(0, n, bs)
+                for a in generate_batch(model, tok, prompts[i:i + bs], pixels[i:i + bs], **gen)]
     if answers(batch) != answers(1): raise AssertionError("batched answers differ from batch size 1")
     s = compare(dict(batched=lambda: answers(batch), single=lambda: answers(1)), rounds)
     return Row(f'eval: batch {batch} / batch 1', s['single'] / s['batched'], 4.0,
@@ -287,7 +307,8 @@ def bench_data(n_train: int = 256, batch: int = 32, steps: int = 4, rounds: int 
     model, tok, proc = demo_model(budget=Budget(**size))
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stderr(io.StringIO()):   # quiet progress bars
         world = make_world(tmp, n_train, 1, seed=0)
-        ds = LazySupervisedDataset(world['finetune'], tok, 'phi', world['root'], ImagePreprocess(proc, 'pad'), model.num_image_tokens)
+        ds = LazySupervisedDataset(world['finetune'], tok, 'phi', world['root'], ImagePreprocess(proc, 'pad'),
+                                   model.num_image_tokens)
         collate = DataCollatorForSupervisedDataset(tok)
         order = list(range(len(ds)))
         def load(): return [collate([ds[i] for i in order[k:k + batch]]) for k in range(0, batch * steps, batch)]
@@ -301,7 +322,8 @@ def bench_data(n_train: int = 256, batch: int = 32, steps: int = 4, rounds: int 
                detail=f"{batch * steps / s['load']:.0f} vs {batch * steps / s['train']:.0f} samples/s, batch {batch}")
 
 # %% ../nbs/70_bench.ipynb #8a0eed0d
-def skewed_samples(n: int, image_size: int, seed: int = 0, short=(16, 64), long=(256, 512), p_long: float = 0.2) -> list:
+def skewed_samples(n: int, image_size: int, seed: int = 0, short=(16, 64), long=(256, 512),
+                   p_long: float = 0.2) -> list:
     "Samples (input_ids, labels, images): 1 in 5 long, about a third with an image; the answer is the last half."
     g = random.Random(seed)
     out = []
@@ -315,10 +337,12 @@ def skewed_samples(n: int, image_size: int, seed: int = 0, short=(16, 64), long=
                         images=torch.randn(1, 3, image_size, image_size) if image else None))
     return out
 
-def bench_packing(n: int = 64, batch: int = 8, rounds: int = 3, llm_hidden: int = 256, llm_layers: int = 4, **kw) -> Row:
+def bench_packing(n: int = 64, batch: int = 8, rounds: int = 3, llm_hidden: int = 256, llm_layers: int = 4,
+                  **kw) -> Row:
     "Tokens/s of packed batches / tokens/s of padded batches, forward + backward, same losses."
     model, tok, _ = toy_tinyllava('llama', 'clip', 'mlp2x_gelu', hidden_size=llm_hidden, num_hidden_layers=llm_layers,
-                                  num_attention_heads=max(2, llm_hidden // 64), num_key_value_heads=max(2, llm_hidden // 64))
+                                  num_attention_heads=max(2, llm_hidden // 64),
+                                  num_key_value_heads=max(2, llm_hidden // 64))
     samples = skewed_samples(n, model.config.vision_config.image_size, **kw)
     groups = [samples[i:i + batch] for i in range(0, n, batch)]
     padded = [DataCollatorForSupervisedDataset(tok)(g) for g in groups]
@@ -326,46 +350,53 @@ def bench_packing(n: int = 64, batch: int = 8, rounds: int = 3, llm_hidden: int 
     with torch.no_grad():
         for a, p in zip(padded, packed):
             la, lp = model(**a).loss, model(**p).loss
-            if not torch.allclose(la, lp, atol=1e-5, rtol=1e-5): raise AssertionError(f"packed loss {lp.item()} != padded {la.item()}")
+            if not torch.allclose(la, lp, atol=1e-5, rtol=1e-5):
+                raise AssertionError(f"packed loss {lp.item()} != padded {la.item()}")
     def run(batches):
         def go():
             for x in batches: model(**x).loss.backward(); model.zero_grad(set_to_none=True)
         return go
     s = compare(dict(packed=run(packed), padded=run(padded)), rounds)
-    merged = lambda x: len(x['input_ids']) + (model.num_image_tokens - 1) * int((x['input_ids'] == IMAGE_TOKEN_INDEX).sum())
+    merged = lambda x: (len(x['input_ids'])
+                        + (model.num_image_tokens - 1) * int((x['input_ids'] == IMAGE_TOKEN_INDEX).sum()))
     tokens, cells = sum(map(merged, samples)), sum(max(map(merged, g)) * len(g) for g in groups)
     return Row('packing: packed / padded', s['padded'] / s['packed'], 1.5,
-               detail=f"{tokens / s['packed']:,.0f} vs {tokens / s['padded']:,.0f} tokens/s; padded batches ~{cells / tokens:.1f}x the real tokens")
+               detail=f"{tokens / s['packed']:,.0f} vs {tokens / s['padded']:,.0f} tokens/s; "
+                      f"padded batches ~{cells / tokens:.1f}x the real tokens")
 
 # %% ../nbs/70_bench.ipynb #06e320f1
 SIZES = {
-    'tiny': dict(encode=dict(n=20, rounds=1), merge=dict(rounds=1, batch=2, text=40, image_tokens=16, hidden=32, vocab=128),
+    'tiny': dict(encode=dict(n=20, rounds=1),
+                 merge=dict(rounds=1, batch=2, text=40, image_tokens=16, hidden=32, vocab=128),
                  train=[dict(rounds=1, name='toy')], generate=[dict(rounds=1, new_tokens=3)],
                  eval=dict(n=4, batch=2, new_tokens=2, rounds=1),
                  data=dict(n_train=8, batch=4, steps=1, rounds=1, hidden_size=32, vision_hidden_size=32),
                  packing=dict(n=8, batch=4, rounds=1, llm_hidden=32, llm_layers=1)),
     'quick': dict(encode=dict(n=300, rounds=7), merge=dict(rounds=7),
                   train=[dict(rounds=7, name='toy'),
-                         dict(rounds=7, name='larger', llm_hidden=512, llm_layers=2, vision_hidden=256, vision_layers=2, image_size=112,
-                              patch_size=14, batch=4, prompt=32, answer=64)],
+                         dict(rounds=7, name='larger', llm_hidden=512, llm_layers=2, vision_hidden=256, vision_layers=2,
+                              image_size=112, patch_size=14, batch=4, prompt=32, answer=64)],
                   generate=[dict(rounds=7, new_tokens=32)],
-                  eval=dict(n=32, batch=16, new_tokens=8, rounds=3), data=dict(n_train=256, batch=32, steps=4, rounds=3),
+                  eval=dict(n=32, batch=16, new_tokens=8, rounds=3),
+                  data=dict(n_train=256, batch=32, steps=4, rounds=3),
                   packing=dict(n=48, batch=8, rounds=3)),
     'full': dict(encode=dict(n=1000, rounds=7), merge=dict(rounds=7),
                  train=[dict(rounds=5, name='toy'),
-                        dict(rounds=3, name='larger', llm_hidden=1024, llm_layers=4, vision_hidden=512, vision_layers=4, image_size=224,
-                             patch_size=14, batch=4, prompt=64, answer=128)],
+                        dict(rounds=3, name='larger', llm_hidden=1024, llm_layers=4, vision_hidden=512, vision_layers=4,
+                             image_size=224, patch_size=14, batch=4, prompt=64, answer=128)],
                  generate=[dict(rounds=7, new_tokens=32),
                            dict(rounds=5, new_tokens=32, name='larger', llm_hidden=512, llm_layers=2, vision_hidden=256,
                                 vision_layers=2, image_size=112, patch_size=14, prompt=32, answer=64)],
-                 eval=dict(n=64, batch=16, new_tokens=16, rounds=3), data=dict(n_train=512, batch=32, steps=8, rounds=3),
+                 eval=dict(n=64, batch=16, new_tokens=16, rounds=3),
+                 data=dict(n_train=512, batch=32, steps=8, rounds=3),
                  packing=dict(n=96, batch=8, rounds=3, llm_hidden=512, llm_layers=4)),
 }
 
 def machine() -> dict:
     "Where the benchmark ran."
     import transformers
-    return dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
+    return dict(platform=platform.platform(), python=platform.python_version(), torch=torch.__version__,
+                transformers=transformers.__version__,
                 cpus=os.cpu_count(), threads=torch.get_num_threads(),
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')
 

@@ -18,12 +18,14 @@ from .data.template import SampleError
 PLUGINS = 'tinyllava_nb.plugins'          # the entry-point group an installed extension declares
 
 def load_extensions(argv) -> list:
-    "Import every installed `tinyllava_nb.plugins` entry point, then each `--import MODULE` at the front of `argv`; return the rest."
+    ("Import every installed `tinyllava_nb.plugins` entry point, then each `--import MODULE` at the front of `argv`; "
+     "return the rest.")
     from importlib import import_module
     from importlib.metadata import entry_points
     for ep in entry_points(group=PLUGINS):
         try: ep.load()
-        except Exception as e: raise ValueError(f"the installed extension {ep.name!r} ({ep.value}) failed to load: {e}") from e
+        except Exception as e:
+            raise ValueError(f"the installed extension {ep.name!r} ({ep.value}) failed to load: {e}") from e
     argv = list(argv)
     while argv[:1] == ['--import']:
         if len(argv) < 2: raise ValueError("--import needs a module name")
@@ -43,12 +45,16 @@ class Command:
 commands = Registry('command')
 
 def parse_command(argv: list) -> tuple:
-    "(command name, its parsed arguments) for `tinyllava-nb ARGV`: a Namespace, or the raw list for a command that parses its own."
+    ("(command name, its parsed arguments) for `tinyllava-nb ARGV`: a Namespace, or the raw list for a command that "
+     "parses its own.")
     argv = load_extensions(argv)
-    parser = argparse.ArgumentParser(prog='tinyllava-nb', description="TinyLLaVA, literate: train, evaluate and look inside small LLaVA models.",
-                                     allow_abbrev=False)          # `--max_step` is not `--max_steps`: flags are exact
+    # `--max_step` is not `--max_steps`: flags are exact
+    parser = argparse.ArgumentParser(
+        prog='tinyllava-nb', description="TinyLLaVA, literate: train, evaluate and look inside small LLaVA models.",
+        allow_abbrev=False)
     parser.add_argument('--import', metavar='MODULE', action='append',
-                        help="import MODULE first (on PYTHONPATH; it registers an LLM, template, tower, connector or command); repeatable")
+                        help="import MODULE first (on PYTHONPATH; it registers an LLM, template, tower, connector or "
+                             "command); repeatable")
     sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
     for name in commands:
         cmd = commands[name]
@@ -65,7 +71,8 @@ def main(argv: list = None) -> int:
         print(f"tinyllava-nb: error: {e}", file=sys.stderr)
         return 2
     try: return commands[name].run(args) or 0
-    except (UnknownNameError, SampleError, ValueError, OSError) as e:   # the user's input: a clear message, no traceback
+    except (UnknownNameError, SampleError, ValueError, OSError) as e:
+        # the user's input: a clear message, no traceback
         if os.environ.get('TINYLLAVA_NB_TRACEBACK'): raise
         print(f"tinyllava-nb {name}: error: {e}\n(set TINYLLAVA_NB_TRACEBACK=1 to see the traceback)", file=sys.stderr)
         return 2
@@ -76,7 +83,8 @@ EXAMPLE = [{'from': 'human', 'value': '<image>\nWhat colour is the circle?'}, {'
 
 def _labels_args(p):
     p.add_argument('--template', default='phi', help="chat template name (default: phi)")
-    p.add_argument('--tokenizer', default='toy:phi', help="toy:FAMILY, or a tokenizer path / hub name (default: toy:phi)")
+    p.add_argument('--tokenizer', default='toy:phi',
+                   help="toy:FAMILY, or a tokenizer path / hub name (default: toy:phi)")
     p.add_argument('--conversation', help="a LLaVA conversation as JSON (default: a built-in example)")
     p.add_argument('--data', help="a LLaVA JSON / JSONL data file to take the conversation from")
     p.add_argument('--index', type=int, default=0, help="which sample of --data (default: 0)")
@@ -109,20 +117,10 @@ def _merge_run(args):
     from tinyllava_nb.train.run import merge_lora
     print(f"merged model written to {merge_lora(args.adapter_dir, args.output_dir)}")
 
-def _toy_data_args(p):
-    p.add_argument('output_dir', nargs='?', default='toy_data')
-    p.add_argument('--n', type=int, default=32, help="number of images (default: 32)")
-    p.add_argument('--seed', type=int, default=0)
-
-def _toy_data_run(args):
-    from tinyllava_nb.toy import toy_data
-    paths = toy_data(args.output_dir, args.n, args.seed)
-    print('\n'.join(f"{k}: {v}" for k, v in paths.items()))
-
 for _name, _cmd in {
-    'train': Command("train one stage: [CONFIG.yaml] [--flag value ...] (train --help lists the flags)", None, _train_run),
+    'train': Command("train one stage: [CONFIG.yaml] [--flag value ...] (train --help lists the flags)", None,
+                     _train_run),
     'merge-lora': Command("merge a LoRA run into a plain model directory", _merge_args, _merge_run),
-    'toy-data': Command("write the toy data set (coloured shapes) the toy configs use", _toy_data_args, _toy_data_run),
 }.items(): commands.register(_name, _cmd)
 
 # %% ../nbs/90_cli.ipynb #1ce186c9
@@ -147,12 +145,14 @@ def _chat_run(args):
     from transformers import TextStreamer
     from tinyllava_nb.model.tinyllava import load_pretrained
     from tinyllava_nb.infer import chat, generation_kwargs
-    generation_kwargs(args.temperature, args.top_p, args.num_beams, args.max_new_tokens or 512)   # bad values: error now
+    # bad values: error now
+    generation_kwargs(args.temperature, args.top_p, args.num_beams, args.max_new_tokens or 512)
     model, tok, proc = load_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
     if args.gradio:
         from tinyllava_nb.infer import gradio_app
         gradio_app(model, tok, proc, args.conv_mode, args.max_new_tokens or 512).launch(server_port=args.port); return
-    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if args.num_beams == 1 else None  # beams end together
+    # beams end together
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if args.num_beams == 1 else None
     kw = dict(conv_version=args.conv_mode, temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams,
               max_new_tokens=args.max_new_tokens or 512, streamer=streamer)
     def ask(q, history=()):
@@ -176,7 +176,8 @@ def _eval_args(p):
     p.add_argument('--image-folder', default='')
     p.add_argument('--answers-file', required=True)
     p.add_argument('--batch-size', type=int, default=8)
-    p.add_argument('--overwrite', action='store_true', help="start the answers file again (default: resume it, same model only)")
+    p.add_argument('--overwrite', action='store_true',
+                   help="start the answers file again (default: resume it, same model only)")
 
 def _model_id(path) -> str:
     "LLaVA's model name for answers files: the folder's name, with its parent's for a `checkpoint-N` folder."
@@ -188,12 +189,14 @@ def _eval_run(args):
     from tinyllava_nb.eval.run import benchmarks, run_benchmark
     benchmarks[args.benchmark]
     model, tok, proc = load_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
-    print(json.dumps(run_benchmark(args.benchmark, model, tok, proc, args.question_file, args.image_folder, args.answers_file,
-                                   args.conv_mode, args.batch_size, args.max_new_tokens, args.temperature, args.top_p,
-                                   args.num_beams, _model_id(args.model_path), args.overwrite)))
+    print(json.dumps(run_benchmark(args.benchmark, model, tok, proc, args.question_file, args.image_folder,
+                                   args.answers_file, args.conv_mode, args.batch_size, args.max_new_tokens,
+                                   args.temperature, args.top_p, args.num_beams, _model_id(args.model_path),
+                                   args.overwrite)))
 
 SCORE_ARGS = {   # benchmark -> (scorer name, [(flag, required)])
-    'sqa': ('score_sqa', [('--base-dir', True), ('--result-file', True), ('--split', False), ('--output-file', False), ('--output-result', False)]),
+    'sqa': ('score_sqa', [('--base-dir', True), ('--result-file', True), ('--split', False), ('--output-file', False),
+                          ('--output-result', False)]),
     'gqa': ('score_gqa', [('--questions', True), ('--result-file', True)]),
     'textvqa': ('score_textvqa', [('--annotation-file', True), ('--result-file', True)]),
     'vqav2': ('score_vqav2', [('--annotation-file', True), ('--question-file', True), ('--result-file', True)]),
@@ -221,10 +224,13 @@ def _scorer_run(table):
     return run
 
 for _name, _cmd in {
-    'chat': Command("chat with a model about an image (streamed; a conversation without --prompt)", _chat_args, _chat_run),
+    'chat': Command("chat with a model about an image (streamed; a conversation without --prompt)", _chat_args,
+                    _chat_run),
     'eval': Command("answer a benchmark's questions: eval BENCHMARK --model-path ... (resumes)", _eval_args, _eval_run),
-    'score': Command("score a benchmark's answers file with its official rules (one JSON object)", _scorer_args(SCORE_ARGS), _scorer_run(SCORE_ARGS)),
-    'convert': Command("write VQAv2's EvalAI upload or MM-Vet's grader input", _scorer_args(CONVERT_ARGS), _scorer_run(CONVERT_ARGS)),
+    'score': Command("score a benchmark's answers file with its official rules (one JSON object)",
+                     _scorer_args(SCORE_ARGS), _scorer_run(SCORE_ARGS)),
+    'convert': Command("write VQAv2's EvalAI upload or MM-Vet's grader input", _scorer_args(CONVERT_ARGS),
+                       _scorer_run(CONVERT_ARGS)),
 }.items(): commands.register(_name, _cmd)
 
 # %% ../nbs/90_cli.ipynb #caaeaefd
@@ -234,7 +240,8 @@ def _demo_args(p):
     p.add_argument('--vision', default='siglip', help="toy vision tower: siglip, clip, dinov2")
     p.add_argument('--connector', default='mlp2x_gelu')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--fast', action='store_true', help="a smaller world and fewer steps (about three minutes on 2 cores)")
+    p.add_argument('--fast', action='store_true',
+                   help="a smaller world and fewer steps (about three minutes on 2 cores)")
     p.add_argument('--overwrite', action='store_true', help="replace results already in --output-dir")
 
 def _demo_run(args):
@@ -262,9 +269,12 @@ def _speed_run(args):
     print(f"written: {args.output}")
 
 for _name, _cmd in {
-    'demo': Command("the main job: train a tiny LLaVA on the shapes world on this CPU, evaluate it, write pictures", _demo_args, _demo_run),
-    'world': Command("write the shapes world: images, training data, held-out benchmark files", _world_args, _world_run),
-    'bench': Command("time every fast path against its reference in this process; print ratios and targets", _speed_args, _speed_run),
+    'demo': Command("the main job: train a tiny LLaVA on the shapes world on this CPU, evaluate it, write pictures",
+                    _demo_args, _demo_run),
+    'world': Command("write the shapes world: images, training data, held-out benchmark files", _world_args,
+                     _world_run),
+    'bench': Command("time every fast path against its reference in this process; print ratios and targets",
+                     _speed_args, _speed_run),
 }.items(): commands.register(_name, _cmd)
 
 # %% ../nbs/90_cli.ipynb #2dfdd9cb

@@ -23,18 +23,23 @@ def conv_version_of(model) -> str:
     return getattr(model.config, 'conv_version', None) or llm_family(model.config.text_config).template
 
 def encode_question(question: str, tokenizer, conv_version: str, has_image: bool = True, history: list = ()) -> dict:
-    "Prompt ids and text for `question` (after earlier (question, answer) turns), with `<image>` first if there is an image."
-    if has_image and DEFAULT_IMAGE_TOKEN not in question and not history: question = DEFAULT_IMAGE_TOKEN + '\n' + question
+    ("Prompt ids and text for `question` (after earlier (question, answer) turns), "
+     "with `<image>` first if there is an image.")
+    if has_image and DEFAULT_IMAGE_TOKEN not in question and not history:
+        question = DEFAULT_IMAGE_TOKEN + '\n' + question
     turns = [t for q, a in history for t in ({'from': 'human', 'value': q}, {'from': 'gpt', 'value': a})]
-    return TemplateFactory(conv_version)().encode(turns + [{'from': 'human', 'value': question}], tokenizer, mode='infer')
+    return TemplateFactory(conv_version)().encode(turns + [{'from': 'human', 'value': question}], tokenizer,
+                                                  mode='infer')
 
 def image_preprocess_of(model, image_processor, image_aspect_ratio: str = None) -> ImagePreprocess:
     "The model's image preprocessing (its config's aspect-ratio mode unless one is given)."
-    return ImagePreprocess(image_processor, image_aspect_ratio or getattr(model.config, 'image_aspect_ratio', 'square') or 'square',
+    return ImagePreprocess(image_processor,
+                           image_aspect_ratio or getattr(model.config, 'image_aspect_ratio', 'square') or 'square',
                            getattr(model.config, 'image_grid_pinpoints', None))
 
 # %% ../nbs/40_infer.ipynb #c8a84a7b
-def generation_kwargs(temperature: float = 0.0, top_p: float = None, num_beams: int = 1, max_new_tokens: int = 128) -> dict:
+def generation_kwargs(temperature: float = 0.0, top_p: float = None, num_beams: int = 1,
+                      max_new_tokens: int = 128) -> dict:
     "`generate` arguments: greedy when temperature is 0 (LLaVA's convention); out-of-range values are errors."
     if temperature < 0: raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     if top_p is not None and not 0 < top_p <= 1: raise ValueError(f"top_p must be in (0, 1], got {top_p}")
@@ -48,7 +53,8 @@ DECODE_ARGS = {'do_sample', 'num_beams', 'max_new_tokens', 'temperature', 'top_p
 
 @torch.inference_mode()
 def generate_batch(model, tokenizer, prompts: list, images: list, streamer=None, **gen) -> list:
-    "Answers (decoded, stripped) for prompt id tensors and their images (tensor or None each), in one left-padded batch."
+    ("Answers (decoded, stripped) for prompt id tensors and their images (tensor or None each), "
+     "in one left-padded batch.")
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -67,12 +73,14 @@ def generate_batch(model, tokenizer, prompts: list, images: list, streamer=None,
 # %% ../nbs/40_infer.ipynb #1f67bb12
 def chat(model, tokenizer, image_processor, image=None,   # a PIL image, a path, or None
          prompt: str = 'Describe the image.', conv_version: str = None, history: list = (),
-         temperature: float = 0.0, top_p: float = None, num_beams: int = 1, max_new_tokens: int = 128, streamer=None) -> str:
+         temperature: float = 0.0, top_p: float = None, num_beams: int = 1, max_new_tokens: int = 128,
+         streamer=None) -> str:
     "The model's answer to `prompt` about `image`."
     if isinstance(image, (str, Path)): image = Image.open(image)
     enc = encode_question(prompt, tokenizer, conv_version or conv_version_of(model), image is not None, history)
     pixels = image_preprocess_of(model, image_processor)(image) if image is not None else None
-    if pixels is None and history and DEFAULT_IMAGE_TOKEN in history[0][0]: raise ValueError("the history has an image: pass it again")
+    if pixels is None and history and DEFAULT_IMAGE_TOKEN in history[0][0]:
+        raise ValueError("the history has an image: pass it again")
     return generate_batch(model, tokenizer, [enc['input_ids']], [pixels], streamer=streamer,
                           **generation_kwargs(temperature, top_p, num_beams, max_new_tokens))[0]
 
@@ -80,13 +88,15 @@ def chat(model, tokenizer, image_processor, image=None,   # a PIL image, a path,
 def chat_turn(model, tokenizer, image_processor, image, question: str, history: list = (), conv_version: str = None,
               max_new_tokens: int = 128) -> tuple:
     "(answer, history + this turn) for the next question of a conversation about `image` (or none)."
-    answer = chat(model, tokenizer, image_processor, image, question, conv_version, list(history), max_new_tokens=max_new_tokens)
+    answer = chat(model, tokenizer, image_processor, image, question, conv_version, list(history),
+                  max_new_tokens=max_new_tokens)
     first = image is not None and not history
     return answer, list(history) + [(DEFAULT_IMAGE_TOKEN + '\n' + question if first else question, answer)]
 
 # %% ../nbs/40_infer.ipynb #1efd23b0
 def show_widget(widget, static_html: str):
-    "Display an ipywidgets `widget`; where widgets do not run (a saved notebook on GitHub or the docs site) readers see `static_html`."
+    ("Display an ipywidgets `widget`; where widgets do not run (a saved notebook on GitHub or the docs site) "
+     "readers see `static_html`.")
     from IPython.display import display
     display({**widget._repr_mimebundle_(), 'text/html': static_html}, raw=True)
 
@@ -128,7 +138,8 @@ class ChatWidget:
 
     def static_html(self) -> str:
         "What a saved notebook (GitHub, the docs site) shows in place of the live widget: the conversation so far."
-        return '<p><i>A chat widget: in a live notebook, upload a picture and ask. The conversation so far:</i></p>' + self.log.value
+        return ('<p><i>A chat widget: in a live notebook, upload a picture and ask. The conversation so far:</i></p>'
+                + self.log.value)
 
     def _ipython_display_(self): show_widget(self.widget, self.static_html())
 

@@ -15,7 +15,7 @@ def quiet(dpi: int = 72):
     "Set up a notebook or script to run here without noise (see above); pictures at `dpi`."
     if not torch.cuda.is_available(): os.environ.setdefault('DS_ACCELERATOR', 'cpu')     # DeepSpeed's CPU notice
     transformers.utils.logging.disable_progress_bar()
-    logging.getLogger('bitsandbytes').setLevel(logging.ERROR)        # its CPU backend's note about an optional hub kernel
+    logging.getLogger('bitsandbytes').setLevel(logging.ERROR)        # its CPU backend's note on an optional hub kernel
     warnings.filterwarnings('ignore', category=FutureWarning, message='.*checkpointing.*')   # PEFT calls the old names
     if os.environ.get('IN_TEST') and 'OMP_NUM_THREADS' not in os.environ: torch.set_num_threads(1)
     import matplotlib; matplotlib.rcParams['figure.dpi'] = dpi

@@ -16,10 +16,15 @@ class UnknownNameError(KeyError):
 
 # %% ../nbs/00_registry.ipynb #cfc23841
 def same_definition(a, b) -> bool:
-    "Is `b` `a` again: the same object, a class or function of the same module and qualified name, a dataclass whose fields are the same again, or an equal value?"
+    ("Is `b` `a` again: the same object, a class or function of the same module and qualified name (for a lambda or "
+     "a local function, also the same code), a dataclass whose fields are the same again, or an equal value?")
     if a is b: return True
     name = lambda o: (getattr(o, '__module__', None), getattr(o, '__qualname__', None))
-    if hasattr(a, '__qualname__'): return name(a) == name(b)            # classes and functions (instances have none)
+    if hasattr(a, '__qualname__'):                                       # classes and functions (instances have none)
+        if name(a) != name(b): return False
+        if '<' not in a.__qualname__: return True                        # a named definition, its cell run again
+        code = lambda o: (o.__code__.co_code, o.__code__.co_consts) if hasattr(o, '__code__') else None
+        return code(a) is not None and code(a) == code(b)                # '<lambda>' names no definition: compare code
     if is_dataclass(a) and name(type(a)) == name(type(b)):               # e.g. a spec holding a function
         return all(same_definition(getattr(a, f.name), getattr(b, f.name)) for f in fields(a))
     try: return bool(a == b)
@@ -34,7 +39,8 @@ class Registry:
     def register(self, name: str, obj=None):
         "Register `obj` under `name`; without `obj`, return a decorator that does."
         if obj is None: return partial(self.register, name)
-        if not isinstance(name, str) or not name: raise TypeError(f"a {self.kind} name must be a non-empty str, got {name!r}")
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"a {self.kind} name must be a non-empty str, got {name!r}")
         old = self._items.get(name, obj)
         if not same_definition(old, obj):
             raise ValueError(f"{self.kind} {name!r} is already registered as {old!r}; {obj!r} needs another name")

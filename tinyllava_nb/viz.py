@@ -29,14 +29,17 @@ def patch_grid(model) -> tuple:
     if model.config.vision_feature_select_strategy == 'patch': index = index[1:]
     if model.num_image_tokens != len(index):
         raise ValueError(f"the {model.config.connector_type} connector turns {len(index)} patch tokens into "
-                         f"{model.num_image_tokens} image tokens: they do not map to patches, so there is no heatmap over the image")
+                         f"{model.num_image_tokens} image tokens: they do not map to patches, "
+                         "so there is no heatmap over the image")
     return side, index
 
 def model_view(pixels: torch.Tensor, image_processor=None) -> np.ndarray:
-    "The picture the vision tower sees ([H, W, 3] in 0..1): `pixels` [3, H, W] un-normalised with the processor's mean and std."
+    ("The picture the vision tower sees ([H, W, 3] in 0..1): `pixels` [3, H, W] un-normalised with the processor's "
+     "mean and std.")
     x = pixels.detach().float().cpu()
     if image_processor is not None and getattr(image_processor, 'image_mean', None) is not None:
-        x = x * torch.tensor(image_processor.image_std)[:, None, None] + torch.tensor(image_processor.image_mean)[:, None, None]
+        x = (x * torch.tensor(image_processor.image_std)[:, None, None]
+             + torch.tensor(image_processor.image_mean)[:, None, None])
     else: x = (x - x.min()) / (x.max() - x.min() + 1e-8)
     return x.clamp(0, 1).permute(1, 2, 0).numpy()
 
@@ -55,16 +58,19 @@ def show_patches(model, image_processor, image: Image.Image, ax=None) -> plt.Fig
         ax.add_patch(plt.Rectangle((0, 0), 1, 1, fill=False, hatch='xx', color='r', lw=1.5))   # the dropped patch
     ax.set_xticks([]); ax.set_yticks([])
     cls = ' + CLS' if model.vision_tower.has_cls else ''
-    ax.set_title(f"{vc.image_size}px, {side}x{side} patches of {vc.patch_size}px{cls}\n'{strategy}' keeps {tokens} tokens, "
-                 f"{model.config.connector_type}\nmakes {model.num_image_tokens} image tokens", fontsize=8)
+    ax.set_title(f"{vc.image_size}px, {side}x{side} patches of {vc.patch_size}px{cls}\n"
+                 f"'{strategy}' keeps {tokens} tokens, {model.config.connector_type}\n"
+                 f"makes {model.num_image_tokens} image tokens", fontsize=8)
     return fig
 
 # %% ../nbs/50_viz.ipynb #2a1c812d
 class Monitor:
-    "Record each generated token's probabilities and every layer's attention inside `with Monitor(model, tokenizer) as mon:`."
+    ("Record each generated token's probabilities and every layer's attention inside "
+     "`with Monitor(model, tokenizer) as mon:`.")
     def __init__(self, model, tokenizer, image_processor=None):
         self.model, self.tok = model, tokenizer
-        self.proc = image_processor if image_processor is not None else getattr(model.vision_tower, 'image_processor', None)
+        self.proc = (image_processor if image_processor is not None
+                     else getattr(model.vision_tower, 'image_processor', None))
         self.layers = model.language_model.get_decoder().layers
         self.tokens = None
 
@@ -104,7 +110,8 @@ class Monitor:
         if self.was != 'eager': self.model.language_model.set_attn_implementation(self.was)
 
     def _attention_hook(self, i):
-        def hook(module, args, output): self._attn[i].append(output[1][:, :, -1].detach().float().cpu())   # [B, H, keys]
+        # each call appends [B, H, keys]
+        def hook(module, args, output): self._attn[i].append(output[1][:, :, -1].detach().float().cpu())
         return hook
 
     def _logits_hook(self, module, args, output):
@@ -113,7 +120,8 @@ class Monitor:
     def _finish(self, out):
         B, N = out.shape
         if len(self._steps) != N or self._steps[0].shape[0] != B:
-            raise ValueError(f"recorded {len(self._steps)} steps of batch {self._steps[0].shape[0]} for {N} tokens of batch {B}: "
+            raise ValueError(f"recorded {len(self._steps)} steps of batch {self._steps[0].shape[0]} "
+                             f"for {N} tokens of batch {B}: "
                              "the Monitor follows greedy or sampled generation, not beam search")
         self.tokens, self.probs = out.cpu(), torch.stack(self._steps)            # [B, N], [N, B, V]
         width = self.prompt_ids.shape[1] + N - 1                                  # every key position
@@ -153,14 +161,16 @@ def _image_runs(kinds: list) -> list:
     return runs
 
 def _figure(n: int, w: float = 1.9, h: float = 2.1, cols: int = 6):
-    fig, axs = plt.subplots((n + cols - 1) // cols, min(n, cols), figsize=(w * min(n, cols), h * ((n + cols - 1) // cols)), squeeze=False)
+    fig, axs = plt.subplots((n + cols - 1) // cols, min(n, cols),
+                            figsize=(w * min(n, cols), h * ((n + cols - 1) // cols)), squeeze=False)
     for ax in axs.flat[n:]: ax.axis('off')
     return fig, axs.flat
 
 # %% ../nbs/50_viz.ipynb #41fce761
 @patch
 def image_attention(self: Monitor, layer: int = -1, heads=None, sample: int = 0, image: int = 0) -> torch.Tensor:
-    "[generated tokens, side, side]: attention to image `image` of `sample` on the patch grid (NaN where a patch has no token)."
+    ("[generated tokens, side, side]: attention to image `image` of `sample` on the patch grid "
+     "(NaN where a patch has no token).")
     side, index = patch_grid(self.model)
     start, _ = _image_runs(self.kinds(sample))[image]
     a = self.attention(layer, heads, sample)[:, start:start + len(index)]
@@ -173,12 +183,14 @@ def image_attention(self: Monitor, layer: int = -1, heads=None, sample: int = 0,
 def pixels(self: Monitor, sample: int = 0, image: int = 0) -> torch.Tensor:
     "The preprocessed image [3, H, W] that image `image` of `sample` was made from."
     before = sum(len(_image_runs(self.kinds(b))) for b in range(sample))
-    ims = self.images if torch.is_tensor(self.images) and self.images.dim() == 4 else [im if im.dim() == 4 else im[None] for im in self.images]
+    ims = (self.images if torch.is_tensor(self.images) and self.images.dim() == 4
+           else [im if im.dim() == 4 else im[None] for im in self.images])
     im = ims[before + image]
     return im[0] if im.dim() == 4 else im
 
 @patch
-def plot_image_attention(self: Monitor, layer: int = -1, heads=None, sample: int = 0, image: int = 0, max_tokens: int = 12) -> plt.Figure:
+def plot_image_attention(self: Monitor, layer: int = -1, heads=None, sample: int = 0, image: int = 0,
+                         max_tokens: int = 12) -> plt.Figure:
     "One panel per generated token: its attention over the picture."
     grid = self.image_attention(layer, heads, sample, image)[:max_tokens]
     share = self.attention(layer, heads, sample)[:, [k == 'image' for k in self.kinds(sample)]].sum(-1)
@@ -205,7 +217,8 @@ def plot_image_share(self: Monitor, sample: int = 0) -> plt.Figure:
     s, words = self.image_share(sample), self.generated(sample)
     fig, ax = plt.subplots(figsize=(0.6 * len(words) + 1.6, 0.35 * len(s) + 1.2))
     im = ax.imshow(s.numpy(), cmap='viridis', vmin=0, vmax=1, aspect='auto')
-    ax.set_xticks(range(len(words)), words, rotation=45, fontsize=8); ax.set_yticks(range(len(s)), [f'layer {i}' for i in range(len(s))], fontsize=8)
+    ax.set_xticks(range(len(words)), words, rotation=45, fontsize=8)
+    ax.set_yticks(range(len(s)), [f'layer {i}' for i in range(len(s))], fontsize=8)
     fig.colorbar(im, ax=ax, label='share on image'); fig.tight_layout()
     return fig
 
@@ -227,9 +240,11 @@ def plot_text_attention(self: Monitor, layer: int = -1, heads=None, sample: int 
     words = self.generated(sample)
     fig, ax = plt.subplots(figsize=(min(0.16 * len(names) + 1.8, 12), 0.25 * len(words) + 1.6))
     im = ax.imshow(m.numpy(), cmap='Blues', aspect='auto')
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7); ax.set_yticks(range(len(words)), words, fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(words)), words, fontsize=8)
     ax.set_xlabel('attended position'); ax.set_ylabel('generated token')
-    fig.colorbar(im, ax=ax, fraction=0.03); ax.set_title(f'layer {layer}, heads {"all" if heads is None else heads}', fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    ax.set_title(f'layer {layer}, heads {"all" if heads is None else heads}', fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -261,7 +276,8 @@ def parse_conversation(text: str) -> list:
         role, sep, rest = line.partition(':')
         if sep and role.strip() in ('human', 'gpt'): messages.append({'from': role.strip(), 'value': rest.lstrip()})
         elif messages: messages[-1]['value'] += '\n' + line
-        elif line.strip(): raise SampleError('no role', f"the first line must start with 'human:' or 'gpt:', not {line!r}")
+        elif line.strip():
+            raise SampleError('no role', f"the first line must start with 'human:' or 'gpt:', not {line!r}")
     return messages
 
 class TemplateExplorer:
@@ -290,7 +306,8 @@ class TemplateExplorer:
     def update(self) -> str:
         "Re-encode the conversation; returns (and shows) the HTML."
         try:
-            enc = TemplateFactory(self.template.value)().encode(parse_conversation(self.text.value), self._tok(), mode='train')
+            enc = TemplateFactory(self.template.value)().encode(parse_conversation(self.text.value), self._tok(),
+                                                                mode='train')
             self.out.value = show_labels(enc, self._tok())._repr_html_()
         except (SampleError, ValueError) as e:
             self.out.value = f'<pre style="color:#b00">{html.escape(f"{type(e).__name__}: {e}")}</pre>'
@@ -308,7 +325,8 @@ def figure_png(fig: plt.Figure, dpi: int = 72) -> bytes:
 
 class MonitoredChat(ChatWidget):
     "The chat widget, plus the last answer's top-k probability bars and word -> image heatmaps."
-    def __init__(self, model, tokenizer, image_processor, conv_version: str = None, max_new_tokens: int = 32, k: int = 5):
+    def __init__(self, model, tokenizer, image_processor, conv_version: str = None, max_new_tokens: int = 32,
+                 k: int = 5):
         import ipywidgets as W
         super().__init__(model, tokenizer, image_processor, conv_version, max_new_tokens)
         self.k, self.monitor = k, None
@@ -317,7 +335,8 @@ class MonitoredChat(ChatWidget):
 
     def ask(self, question: str) -> str:
         if not question.strip(): return ''
-        with warnings.catch_warnings(action='ignore'), Monitor(self.model, self.tok, self.proc) as mon:   # the log says it
+        # the log says it
+        with warnings.catch_warnings(action='ignore'), Monitor(self.model, self.tok, self.proc) as mon:
             answer = super().ask(question)
         self.monitor = mon
         self.bars.value = figure_png(mon.plot_top_k(self.k))

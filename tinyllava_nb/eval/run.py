@@ -43,7 +43,8 @@ def read_questions(name: str, question_file) -> list:
     data = json.loads(path.read_text())
     if layout == 'sqa':
         return [dict(question_id=r['id'], image=r.get('image'),
-                     text=r['conversations'][0]['value'].replace('<image>', '').strip() + '\n' + SQA_SUFFIX) for r in data]
+                     text=r['conversations'][0]['value'].replace('<image>', '').strip() + '\n' + SQA_SUFFIX)
+                for r in data]
     return [dict(question_id=r['id'], text=r['prompt'], image=r.get('image'), question_type=r['question_type'],
                  all_choices=r.get('all_choices'), index2ans=r.get('index2ans')) for r in data]
 

@@ -40,7 +40,8 @@ def read_jsonl(path, field: str = 'question_id',  # each line must be a JSON obj
 
 # %% ../../nbs/42_eval.score.ipynb #01f5eb19
 def write_jsonl(path, rows) -> Path:
-    "Write `rows` as JSON lines and return the path; a str row is written as it is (a line already encoded, or a broken one in a test)."
+    ("Write `rows` as JSON lines and return the path; a str row is written as it is "
+     "(a line already encoded, or a broken one in a test).")
     Path(path).write_text(''.join((r if isinstance(r, str) else json.dumps(r)) + '\n' for r in rows))
     return Path(path)
 
@@ -104,16 +105,19 @@ def score_sqa(base_dir, result_file, split: str = 'test', output_file=None, outp
         letter = parse_sqa(pred.get('text', 'FAILED'))
         idx = SQA_OPTIONS.index(letter) if letter in SQA_OPTIONS[:len(prob['choices'])] else -1
         per_problem[pid] = idx
-        analysis = dict(question_id=pid, parsed_ans=letter, ground_truth=SQA_OPTIONS[prob['answer']], question=pred.get('prompt', ''),
-                        pred=pred.get('text', 'FAILED'), is_multimodal='<image>' in pred.get('prompt', ''))
+        analysis = dict(question_id=pid, parsed_ans=letter, ground_truth=SQA_OPTIONS[prob['answer']],
+                        question=pred.get('prompt', ''), pred=pred.get('text', 'FAILED'),
+                        is_multimodal='<image>' in pred.get('prompt', ''))
         results['correct' if idx == prob['answer'] else 'incorrect'].append(analysis)
     correct, total = len(results['correct']), len(split_problems)
     img_correct = sum(r['is_multimodal'] for r in results['correct'])
     img_total = img_correct + sum(r['is_multimodal'] for r in results['incorrect'])
-    out = dict(total=total, correct=correct, accuracy=_pct(correct, total), img_total=img_total, img_correct=img_correct,
-               img_accuracy=_pct(img_correct, img_total), **_report(counts, bad))
+    out = dict(total=total, correct=correct, accuracy=_pct(correct, total), img_total=img_total,
+               img_correct=img_correct, img_accuracy=_pct(img_correct, img_total), **_report(counts, bad))
     if output_file: Path(output_file).write_text(json.dumps(results, indent=2))
-    if output_result: Path(output_result).write_text(json.dumps(dict(acc=out['accuracy'], correct=correct, count=total, results=per_problem), indent=2))
+    if output_result:
+        Path(output_result).write_text(json.dumps(dict(acc=out['accuracy'], correct=correct, count=total,
+                                                       results=per_problem), indent=2))
     return out
 
 # %% ../../nbs/42_eval.score.ipynb #badd32e1
@@ -136,24 +140,28 @@ def score_gqa(questions, result_file) -> dict:
                 per_semantic_type={k: avg(v) for k, v in semantic.items()}, **_report(counts, bad))
 
 # %% ../../nbs/42_eval.score.ipynb #2b691e81
-_CONTRACTIONS = ("aint:ain't arent:aren't cant:can't couldve:could've couldnt:couldn't couldn'tve:couldn't've couldnt've:couldn't've "
-    "didnt:didn't doesnt:doesn't dont:don't hadnt:hadn't hadnt've:hadn't've hadn'tve:hadn't've hasnt:hasn't havent:haven't hed:he'd "
-    "hed've:he'd've he'dve:he'd've hes:he's howd:how'd howll:how'll hows:how's Id've:I'd've I'dve:I'd've Im:I'm Ive:I've isnt:isn't "
-    "itd:it'd itd've:it'd've it'dve:it'd've itll:it'll let's:let's maam:ma'am mightnt:mightn't mightnt've:mightn't've "
-    "mightn'tve:mightn't've mightve:might've mustnt:mustn't mustve:must've neednt:needn't notve:not've oclock:o'clock oughtnt:oughtn't "
-    "ow's'at:'ow's'at 'ows'at:'ow's'at 'ow'sat:'ow's'at shant:shan't shed've:she'd've she'dve:she'd've she's:she's shouldve:should've "
-    "shouldnt:shouldn't shouldnt've:shouldn't've shouldn'tve:shouldn't've somebody'd:somebodyd somebodyd've:somebody'd've "
-    "somebody'dve:somebody'd've somebodyll:somebody'll somebodys:somebody's someoned:someone'd someoned've:someone'd've "
-    "someone'dve:someone'd've someonell:someone'll someones:someone's somethingd:something'd somethingd've:something'd've "
-    "something'dve:something'd've somethingll:something'll thats:that's thered:there'd thered've:there'd've there'dve:there'd've "
-    "therere:there're theres:there's theyd:they'd theyd've:they'd've they'dve:they'd've theyll:they'll theyre:they're theyve:they've "
-    "twas:'twas wasnt:wasn't wed've:we'd've we'dve:we'd've weve:we've werent:weren't whatll:what'll whatre:what're whats:what's "
-    "whatve:what've whens:when's whered:where'd wheres:where's whereve:where've whod:who'd whod've:who'd've who'dve:who'd've "
-    "wholl:who'll whos:who's whove:who've whyll:why'll whyre:why're whys:why's wont:won't wouldve:would've wouldnt:wouldn't "
-    "wouldnt've:wouldn't've wouldn'tve:wouldn't've yall:y'all yall'll:y'all'll y'allll:y'all'll yall'd've:y'all'd've "
-    "y'alld've:y'all'd've y'all'dve:y'all'd've youd:you'd youd've:you'd've you'dve:you'd've youll:you'll youre:you're youve:you've")
+_CONTRACTIONS = ("aint:ain't arent:aren't cant:can't couldve:could've couldnt:couldn't couldn'tve:couldn't've "
+    "couldnt've:couldn't've didnt:didn't doesnt:doesn't dont:don't hadnt:hadn't hadnt've:hadn't've hadn'tve:hadn't've "
+    "hasnt:hasn't havent:haven't hed:he'd hed've:he'd've he'dve:he'd've hes:he's howd:how'd howll:how'll hows:how's "
+    "Id've:I'd've I'dve:I'd've Im:I'm Ive:I've isnt:isn't itd:it'd itd've:it'd've it'dve:it'd've itll:it'll "
+    "let's:let's maam:ma'am mightnt:mightn't mightnt've:mightn't've mightn'tve:mightn't've mightve:might've "
+    "mustnt:mustn't mustve:must've neednt:needn't notve:not've oclock:o'clock oughtnt:oughtn't ow's'at:'ow's'at "
+    "'ows'at:'ow's'at 'ow'sat:'ow's'at shant:shan't shed've:she'd've she'dve:she'd've she's:she's shouldve:should've "
+    "shouldnt:shouldn't shouldnt've:shouldn't've shouldn'tve:shouldn't've somebody'd:somebodyd "
+    "somebodyd've:somebody'd've somebody'dve:somebody'd've somebodyll:somebody'll somebodys:somebody's "
+    "someoned:someone'd someoned've:someone'd've someone'dve:someone'd've someonell:someone'll someones:someone's "
+    "somethingd:something'd somethingd've:something'd've something'dve:something'd've somethingll:something'll "
+    "thats:that's thered:there'd thered've:there'd've there'dve:there'd've therere:there're theres:there's "
+    "theyd:they'd theyd've:they'd've they'dve:they'd've theyll:they'll theyre:they're theyve:they've twas:'twas "
+    "wasnt:wasn't wed've:we'd've we'dve:we'd've weve:we've werent:weren't whatll:what'll whatre:what're whats:what's "
+    "whatve:what've whens:when's whered:where'd wheres:where's whereve:where've whod:who'd whod've:who'd've "
+    "who'dve:who'd've wholl:who'll whos:who's whove:who've whyll:why'll whyre:why're whys:why's wont:won't "
+    "wouldve:would've wouldnt:wouldn't wouldnt've:wouldn't've wouldn'tve:wouldn't've yall:y'all yall'll:y'all'll "
+    "y'allll:y'all'll yall'd've:y'all'd've y'alld've:y'all'd've y'all'dve:y'all'd've youd:you'd youd've:you'd've "
+    "you'dve:you'd've youll:you'll youre:you're youve:you've")
 EVALAI_CONTRACTIONS = dict(kv.split(':') for kv in _CONTRACTIONS.split())
-NUMBER_MAP = dict(none='0', zero='0', one='1', two='2', three='3', four='4', five='5', six='6', seven='7', eight='8', nine='9', ten='10')
+NUMBER_MAP = dict(none='0', zero='0', one='1', two='2', three='3', four='4', five='5', six='6', seven='7', eight='8',
+                  nine='9', ten='10')
 ARTICLES = ('a', 'an', 'the')
 _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")       # sic: a negative lookahead for "<=digit", as in the originals
 
@@ -169,7 +177,8 @@ def _digits_articles(text: str, contractions: dict) -> str:
     return ' '.join(contractions.get(w, w) for w in words if w not in ARTICLES)
 
 # %% ../../nbs/42_eval.score.ipynb #861184c8
-EVALAI_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+EVALAI_PUNCT = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
+                "!"]
 
 def evalai_normalize(answer: str) -> str:
     "The EvalAI / m4c answer processor (TextVQA, VQAv2 test uploads)."
@@ -195,7 +204,8 @@ def textvqa_question(prompt: str):
 
 def soft_accuracy(pred: str, gt_answers: list) -> float:
     "min(#matches / 3, 1) averaged over the leave-one-out subsets of the (already normalised) human answers."
-    return sum(min(1.0, sum(a == pred for j, a in enumerate(gt_answers) if j != i) / 3) for i in range(len(gt_answers))) / len(gt_answers)
+    return sum(min(1.0, sum(a == pred for j, a in enumerate(gt_answers) if j != i) / 3)
+               for i in range(len(gt_answers))) / len(gt_answers)
 
 def score_textvqa(annotation_file, result_file) -> dict:
     "TextVQA accuracy (EvalAI normalisation) of a LLaVA-format answers file; a missing answer scores 0."
@@ -224,7 +234,8 @@ def score_vqav2(annotation_file, question_file, result_file) -> dict:
         humans = [clean(a['answer']) for a in gt['answers']]
         pred = clean(_answer_text(a) if a else '')
         if len(set(humans)) > 1: humans, pred = [vqa_normalize(h) for h in humans], vqa_normalize(pred)
-        acc = sum(min(1, sum(h == pred for j, h in enumerate(humans) if j != i) / 3) for i in range(len(humans))) / len(humans)
+        acc = sum(min(1, sum(h == pred for j, h in enumerate(humans) if j != i) / 3)
+                  for i in range(len(humans))) / len(humans)
         acc_qa.append(acc); by_qtype[gt['question_type']].append(acc); by_atype[gt['answer_type']].append(acc)
     r2 = lambda l: round(100 * sum(l) / len(l), 2) if l else None
     return dict(overall=r2(acc_qa), perAnswerType={k: r2(v) for k, v in by_atype.items()},
@@ -258,8 +269,9 @@ def pope_metrics(preds: list, labels: list) -> dict:
     tn = sum(p == 'no' and l == 'no' for p, l in pairs); fn = sum(p == 'no' and l != 'no' for p, l in pairs)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
-    return dict(samples=len(preds), TP=tp, FP=fp, TN=tn, FN=fn, accuracy=(tp + tn) / (tp + tn + fp + fn) if pairs else None,
-                precision=precision, recall=recall, f1=2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+    return dict(samples=len(preds), TP=tp, FP=fp, TN=tn, FN=fn,
+                accuracy=(tp + tn) / (tp + tn + fp + fn) if pairs else None, precision=precision, recall=recall,
+                f1=2 * precision * recall / (precision + recall) if precision + recall else 0.0,
                 yes_ratio=preds.count('yes') / len(preds) if preds else None)
 
 # %% ../../nbs/42_eval.score.ipynb #41f60b14
@@ -296,7 +308,8 @@ def score_pope(annotation_dir, question_file, result_file) -> dict:
     return dict(categories=out, mean_accuracy=mean('accuracy'), mean_f1=mean('f1'), **_report(counts, bad))
 
 # %% ../../nbs/42_eval.score.ipynb #ac17b996
-MME_TASKS = {'perception': ['existence', 'count', 'position', 'color', 'posters', 'celebrity', 'scene', 'landmark', 'artwork', 'OCR'],
+MME_TASKS = {'perception': ['existence', 'count', 'position', 'color', 'posters', 'celebrity', 'scene', 'landmark',
+                            'artwork', 'OCR'],
              'cognition': ['commonsense_reasoning', 'numerical_calculation', 'text_translation', 'code_reasoning']}
 
 def mme_yes_no(answer: str) -> str:
@@ -350,7 +363,8 @@ def score_mme(result_file, gt_dir) -> dict:
     for kind, tasks in MME_TASKS.items():
         task_keys = {t: [k for k in keys if k[0] == t] for t in tasks}
         per = {t: _mme_task(gt, got, ks) for t, ks in task_keys.items() if any(got[k] is not None for k in ks)}
-        out[kind] = dict(total=sum(t['score'] for t in per.values()), tasks=per, missing_tasks=[t for t in tasks if t not in per])
+        out[kind] = dict(total=sum(t['score'] for t in per.values()), tasks=per,
+                         missing_tasks=[t for t in tasks if t not in per])
     return dict(**out, **_report(counts, bad))
 
 # %% ../../nbs/42_eval.score.ipynb #a9950a59
@@ -360,14 +374,16 @@ MMMU_DISCIPLINES = {
     'Art and Design': ['Art', 'Art_Theory', 'Design', 'Music'],
     'Business': ['Accounting', 'Economics', 'Finance', 'Manage', 'Marketing'],
     'Science': ['Biology', 'Chemistry', 'Geography', 'Math', 'Physics'],
-    'Health and Medicine': ['Basic_Medical_Science', 'Clinical_Medicine', 'Diagnostics_and_Laboratory_Medicine', 'Pharmacy', 'Public_Health'],
+    'Health and Medicine': ['Basic_Medical_Science', 'Clinical_Medicine', 'Diagnostics_and_Laboratory_Medicine',
+                            'Pharmacy', 'Public_Health'],
     'Humanities and Social Science': ['History', 'Literature', 'Sociology', 'Psychology'],
-    'Tech and Engineering': ['Agriculture', 'Architecture_and_Engineering', 'Computer_Science', 'Electronics', 'Energy_and_Power',
-                             'Materials', 'Mechanical_Engineering']}
-MMMU_SUBJECTS = ['Accounting', 'Agriculture', 'Architecture_and_Engineering', 'Art', 'Art_Theory', 'Basic_Medical_Science', 'Biology',
-                 'Chemistry', 'Clinical_Medicine', 'Computer_Science', 'Design', 'Diagnostics_and_Laboratory_Medicine', 'Economics',
-                 'Electronics', 'Energy_and_Power', 'Finance', 'Geography', 'History', 'Literature', 'Manage', 'Marketing', 'Materials',
-                 'Math', 'Mechanical_Engineering', 'Music', 'Pharmacy', 'Physics', 'Psychology', 'Public_Health', 'Sociology']
+    'Tech and Engineering': ['Agriculture', 'Architecture_and_Engineering', 'Computer_Science', 'Electronics',
+                             'Energy_and_Power', 'Materials', 'Mechanical_Engineering']}
+MMMU_SUBJECTS = ['Accounting', 'Agriculture', 'Architecture_and_Engineering', 'Art', 'Art_Theory',
+                 'Basic_Medical_Science', 'Biology', 'Chemistry', 'Clinical_Medicine', 'Computer_Science', 'Design',
+                 'Diagnostics_and_Laboratory_Medicine', 'Economics', 'Electronics', 'Energy_and_Power', 'Finance',
+                 'Geography', 'History', 'Literature', 'Manage', 'Marketing', 'Materials', 'Math',
+                 'Mechanical_Engineering', 'Music', 'Pharmacy', 'Physics', 'Psychology', 'Public_Health', 'Sociology']
 
 def mmmu_choice(response: str, all_choices: list, index2ans: dict, rng: random.Random = None) -> str:
     "MMMU's multiple-choice parsing of a response to an option letter (random, from `rng`, if none is found)."
@@ -390,7 +406,8 @@ def _is_number(s: str) -> bool:
     except ValueError: return False
 
 def mmmu_normalize(s: str) -> list:
-    "MMMU's normalisation of one answer: a number rounded to 2 places, else lower-cased text (a single letter also padded with a space)."
+    ("MMMU's normalisation of one answer: a number rounded to 2 places, else lower-cased text "
+     "(a single letter also padded with a space).")
     s = s.strip()
     if _is_number(s): return [round(float(s.replace(',', '')), 2)]
     s = s.lower()
@@ -422,7 +439,8 @@ def mmmu_correct(question_type: str, gold, pred) -> bool:
     "MMMU's rule: a multiple-choice letter equals the gold one; an open answer matches any normalised gold answer."
     if question_type == 'multiple-choice': return pred in gold if isinstance(gold, list) else pred == gold
     norm = [x for g in (gold if isinstance(gold, list) else [gold]) for x in mmmu_normalize(g)]
-    return any((isinstance(p, str) and any(isinstance(n, str) and n in p for n in norm)) or (not isinstance(p, str) and p in norm) for p in pred)
+    return any((isinstance(p, str) and any(isinstance(n, str) and n in p for n in norm))
+               or (not isinstance(p, str) and p in norm) for p in pred)
 
 def score_mmmu(answer_dict, result_file) -> dict:
     "MMMU accuracy per subject, per discipline and overall (MMMU's answer_dict_val.json format)."
@@ -444,7 +462,8 @@ def score_mmmu(answer_dict, result_file) -> dict:
     for disc, subs in MMMU_DISCIPLINES.items():
         inside = {s: results[s] for s in subs if s in results}
         n = sum(r['num'] for r in inside.values())
-        table['Overall-' + disc] = dict(num=n, acc=round(sum(r['acc'] * r['num'] for r in inside.values()) / n, 3) if n else 0)
+        table['Overall-' + disc] = dict(num=n, acc=round(sum(r['acc'] * r['num'] for r in inside.values()) / n, 3)
+                                        if n else 0)
         table.update({s: dict(num=r['num'], acc=round(r['acc'], 3)) for s, r in inside.items()})
     n = sum(r['num'] for r in results.values())
     table['Overall'] = dict(num=n, acc=round(sum(r['acc'] * r['num'] for r in results.values()) / n, 3) if n else 0)

@@ -33,7 +33,8 @@ register_connector = connectors.register
 
 def connector_name(connector_type: str) -> str:
     "The registered connector for a `connector_type`: `mlp` for any `mlp{N}x_gelu` / `mlp{N}x_relu`, else itself."
-    if connector_type == 'mlp': raise ValueError("connector_type 'mlp' needs its depth and activation, e.g. 'mlp2x_gelu'")
+    if connector_type == 'mlp':
+        raise ValueError("connector_type 'mlp' needs its depth and activation, e.g. 'mlp2x_gelu'")
     return 'mlp' if re.fullmatch(r'mlp\d+x_(gelu|relu)', connector_type or '') else connector_type
 
 def build_connector(config) -> Connector:
@@ -46,8 +47,9 @@ class IdentityConnector(Connector):
     "Pass the features through: the vision and LLM widths must be equal."
     def build(self, config):
         if config.vision_hidden_size != config.hidden_size:
-            raise ValueError(f"the identity connector needs vision_hidden_size ({config.vision_hidden_size}) == the LLM's "
-                             f"hidden_size ({config.hidden_size}); use 'linear' or 'mlp2x_gelu' to map between them")
+            raise ValueError(f"the identity connector needs vision_hidden_size ({config.vision_hidden_size}) == the "
+                             f"LLM's hidden_size ({config.hidden_size}); use 'linear' or 'mlp2x_gelu' to map "
+                             "between them")
         return nn.Identity()
 
 @register_connector('linear')
@@ -64,7 +66,8 @@ class MLPConnector(Connector):
         depth, act = re.fullmatch(r'mlp(\d+)x_(gelu|relu)', config.connector_type).groups()
         if int(depth) < 1: raise ValueError(f"{config.connector_type}: an MLP needs at least one layer")
         layers = [nn.Linear(config.vision_hidden_size, config.hidden_size)]
-        for _ in range(int(depth) - 1): layers += [ACTIVATIONS[act](), nn.Linear(config.hidden_size, config.hidden_size)]
+        for _ in range(int(depth) - 1):
+            layers += [ACTIVATIONS[act](), nn.Linear(config.hidden_size, config.hidden_size)]
         return nn.Sequential(*layers)
 
 # %% ../../nbs/22_model.connector.ipynb #caf420c2
@@ -88,7 +91,8 @@ class PerceiverAttention(nn.Module):
 
 def feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
     "The resampler's pre-norm feed-forward block."
-    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(), nn.Linear(dim * mult, dim, bias=False))
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim * mult, bias=False), nn.GELU(),
+                         nn.Linear(dim * mult, dim, bias=False))
 
 class PerceiverResampler(nn.Module):
     "Learned queries that cross-attend to the image features (Flamingo's Perceiver Resampler, TinyLLaVA's key names)."
@@ -115,7 +119,8 @@ class QueryConnector(Connector):
 
     def build(self, config):
         if not getattr(config, 'num_queries', None) or not getattr(config, 'num_resampler_layers', None):
-            raise ValueError(f"the {config.connector_type} connector needs num_queries and num_resampler_layers in the config")
+            raise ValueError(f"the {config.connector_type} connector needs num_queries and num_resampler_layers "
+                             "in the config")
         self.queries = config.num_queries
         return self.module(config)
 
@@ -135,7 +140,8 @@ class QFormer(nn.Module):
         heads = next(h for h in (8, 4, 2, 1) if dim % h == 0)
         self.query_tokens = nn.Parameter(torch.randn(1, config.num_queries, dim) * 0.02)
         self.proj_in = nn.Linear(config.vision_hidden_size, dim)
-        block = nn.TransformerDecoderLayer(dim, heads, 4 * dim, dropout=0.0, activation='gelu', batch_first=True, norm_first=True)
+        block = nn.TransformerDecoderLayer(dim, heads, 4 * dim, dropout=0.0, activation='gelu', batch_first=True,
+                                           norm_first=True)
         self.blocks = nn.TransformerDecoder(block, config.num_resampler_layers, norm=nn.LayerNorm(dim))
         self.projector = nn.Linear(dim, dim)
 

@@ -20,9 +20,9 @@ from ..toy import toy_family, toy_tokenizer
 
 # %% ../../nbs/20_model.llm.ipynb #75718ec1
 def _refuse_remote_code(what: str):
-    raise ValueError(f"{what} needs model code that is not part of transformers: it would run the Python files that come "
-                     "with the model. Pass trust_remote_code=True (on the command line: --trust_remote_code true) if you "
-                     "trust their source")
+    raise ValueError(f"{what} needs model code that is not part of transformers: it would run the Python files that "
+                     "come with the model. Pass trust_remote_code=True (on the command line: --trust_remote_code true) "
+                     "if you trust their source")
 
 @dataclass(frozen=True)
 class LLMFamily:
@@ -113,7 +113,8 @@ def llm_family(spec, trust_remote_code: bool = False) -> LLMFamily:
 
 # %% ../../nbs/20_model.llm.ipynb #18a8fdfe
 def load_tokenizer(name_or_path: str, family=None, model_max_length: int = None, padding_side: str = 'right'):
-    "A tokenizer from a directory, a hub name or `toy:FAMILY` (`toy:llama-legacy`: `legacy=True`), prepared by its LLM family's rule."
+    ("A tokenizer from a directory, a hub name or `toy:FAMILY` (`toy:llama-legacy`: `legacy=True`), "
+     "prepared by its LLM family's rule.")
     kw = dict(padding_side=padding_side) | (dict(model_max_length=model_max_length) if model_max_length else {})
     if not (toy := toy_family(name_or_path)):
         return llm_family(family or name_or_path).post_load(AutoTokenizer.from_pretrained(name_or_path, **kw))
@@ -124,16 +125,19 @@ def load_tokenizer(name_or_path: str, family=None, model_max_length: int = None,
 
 # %% ../../nbs/20_model.llm.ipynb #54801a58
 def save_tokenizer(tok, path) -> Path:
-    "`tok.save_pretrained(path)`, plus what transformers 4 readers need: BPE merges as 'a b' strings and, for byte-level BPE, vocab.json + merges.txt."
+    ("`tok.save_pretrained(path)`, plus what transformers 4 readers need: BPE merges as 'a b' strings and, "
+     "for byte-level BPE, vocab.json + merges.txt.")
     tok.save_pretrained(path)
     path = Path(path); f = path / 'tokenizer.json'
     if not f.exists(): return path
     tj = json.loads(f.read_text()); m = tj['model']
     merges = m.get('merges') or []
-    if m.get('type') != 'BPE' or not merges or isinstance(merges[0], str) or any(' ' in p for pair in merges for p in pair): return path
+    if (m.get('type') != 'BPE' or not merges or isinstance(merges[0], str)
+        or any(' ' in p for pair in merges for p in pair)): return path
     m['merges'] = [' '.join(pair) for pair in merges]
     f.write_text(json.dumps(tj, ensure_ascii=False, indent=2))
     if 'ByteLevel' in json.dumps(tj.get('pre_tokenizer')):
-        for name, text in [('vocab.json', json.dumps(m['vocab'], ensure_ascii=False)), ('merges.txt', '#version: 0.2\n' + '\n'.join(m['merges']) + '\n')]:
+        for name, text in [('vocab.json', json.dumps(m['vocab'], ensure_ascii=False)),
+                           ('merges.txt', '#version: 0.2\n' + '\n'.join(m['merges']) + '\n')]:
             if not (path / name).exists(): (path / name).write_text(text)
     return path

@@ -34,7 +34,8 @@ def _sub_config(data, name_or_path: str, vision: bool = False, trust_remote_code
     model_type = data.get('model_type') if isinstance(data, dict) else None
     if model_type in CONFIG_MAPPING: return AutoConfig.for_model(**data)
     if not name_or_path:
-        if model_type: raise ValueError(f"model_type {model_type!r} is not part of transformers, and no model path names its code")
+        if model_type:
+            raise ValueError(f"model_type {model_type!r} is not part of transformers, and no model path names its code")
         return None
     cfg = vision_config_of(name_or_path) if vision else read_config(name_or_path, trust_remote_code)
     return cfg.__class__.from_dict({**cfg.to_dict(), **(data or {})}) if data else cfg
@@ -46,9 +47,9 @@ class TinyLlavaConfig(PretrainedConfig):
     model_type = "tinyllava"
 
     def __init__(self,
-                 llm_model_name_or_path: str = '',          # LLM hub name / directory (its weights; its config if text_config is None)
+                 llm_model_name_or_path: str = '',          # LLM hub name / dir (weights; config if no text_config)
                  tokenizer_name_or_path: str = None,        # default: the LLM's
-                 vision_model_name_or_path: str = '',       # vision tower hub name / directory, optionally 'mof:...'-prefixed
+                 vision_model_name_or_path: str = '',       # vision tower hub name / dir, may be 'mof:...'-prefixed
                  vision_model_name_or_path2: str = '',      # the second tower of 'mof' (DINOv2)
                  connector_type: str = 'mlp2x_gelu',
                  text_config=None, vision_config=None, vision_config2=None,   # the parts' configs (dicts or configs)
@@ -70,17 +71,21 @@ class TinyLlavaConfig(PretrainedConfig):
         self.text_config = _sub_config(text_config, llm_model_name_or_path, trust_remote_code=trust_remote_code)
         self.vision_config = _sub_config(vision_config, vision_model_name_or_path, vision=True)
         self.vision_config2 = _sub_config(vision_config2, vision_model_name_or_path2, vision=True)
-        self.vision_feature_layer, self.vision_feature_select_strategy = vision_feature_layer, vision_feature_select_strategy
+        self.vision_feature_layer, self.vision_feature_select_strategy = (vision_feature_layer,
+                                                                          vision_feature_select_strategy)
         self.image_aspect_ratio, self.image_grid_pinpoints = image_aspect_ratio, image_grid_pinpoints
         self.num_queries, self.num_resampler_layers, self.conv_version = num_queries, num_resampler_layers, conv_version
-        self.tokenizer_model_max_length, self.tokenizer_padding_side = tokenizer_model_max_length, tokenizer_padding_side
+        self.tokenizer_model_max_length, self.tokenizer_padding_side = (tokenizer_model_max_length,
+                                                                        tokenizer_padding_side)
         self.pad_token, self.use_cache = pad_token, use_cache
         self.ignore_index, self.image_token_index = IGNORE_INDEX, IMAGE_TOKEN_INDEX
         t, v = self.text_config, self.vision_config
         self.hidden_size = getattr(t, 'hidden_size', getattr(t, 'model_dim', None)) if t is not None else None
         self.vocab_size = getattr(t, 'vocab_size', None)
-        self.vision_hidden_size = getattr(v, 'hidden_size', None) or (getattr(v, 'hidden_sizes', None) or [None])[-1]   # CNNs: last stage
-        for k in ('hidden_size', 'vocab_size', 'vision_hidden_size', 'ignore_index', 'image_token_index'): kwargs.pop(k, None)
+        # CNNs: their last stage's width
+        self.vision_hidden_size = getattr(v, 'hidden_size', None) or (getattr(v, 'hidden_sizes', None) or [None])[-1]
+        for k in ('hidden_size', 'vocab_size', 'vision_hidden_size', 'ignore_index', 'image_token_index'):
+            kwargs.pop(k, None)
         super().__init__(pad_token_id=pad_token_id, **kwargs)
 
     @property
@@ -88,7 +93,73 @@ class TinyLlavaConfig(PretrainedConfig):
         "The registered vision tower these configs describe."
         return vision_tower_name(self.vision_model_name_or_path, self.vision_config)
 
-# %% ../../nbs/23_model.tinyllava.ipynb #de882dcd
+# %% ../../nbs/23_model.tinyllava.ipynb #d1cb8b69
+def _slot_sizes(input_ids, attention_mask, sizes) -> tuple:
+    "(mask, is_img, size) [B, T]: real tokens, image slots, each token's length in the merged row (1, K'_i or 0)."
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    is_img = (input_ids == IMAGE_TOKEN_INDEX) & mask
+    if int(is_img.sum()) != len(sizes):
+        raise ValueError(f"{int(is_img.sum())} image slots (-200) in input_ids but {len(sizes)} images were given")
+    size = mask.long()
+    size[is_img] = sizes.to(size.device)
+    return mask, is_img, size
+
+# %% ../../nbs/23_model.tinyllava.ipynb #60f54e10
+def _merged_starts(size, mask) -> tuple:
+    "(starts [B, T], lengths [B], width T', shift [B], left): each token's first column in its merged row."
+    starts = size.cumsum(1) - size
+    lengths = size.sum(1)
+    width = int(lengths.max())
+    left = bool((~mask[:, 0]).any() and mask[:, -1].all())
+    shift = (width - lengths) if left else torch.zeros_like(lengths)
+    return starts + shift[:, None], lengths, width, shift, left
+
+# %% ../../nbs/23_model.tinyllava.ipynb #915c7687
+def _image_places(is_img, starts, sizes, width: int, features) -> torch.Tensor:
+    "Flat index (row * T' + column) of every image vector: slot i's K'_i vectors at its start + 0..K'_i-1."
+    img_b, img_t = is_img.nonzero(as_tuple=True)                          # row-major: the order images are given
+    offsets = torch.arange(len(features), device=features.device) - (sizes.cumsum(0) - sizes).repeat_interleave(sizes)
+    return img_b.repeat_interleave(sizes) * width + starts[img_b, img_t].repeat_interleave(sizes) + offsets
+
+# %% ../../nbs/23_model.tinyllava.ipynb #828090f9
+def _merged_labels(labels, text_b, text_t, starts, width: int):
+    "Labels [B, T'] of the merged rows (None without labels): each text token's at its start, -100 elsewhere."
+    if labels is None: return None
+    new_labels = labels.new_full((len(starts), width), IGNORE_INDEX)
+    new_labels[text_b, starts[text_b, text_t]] = labels[text_b, text_t]
+    return new_labels
+
+# %% ../../nbs/23_model.tinyllava.ipynb #6c2a8b76
+def _padded_mask_positions(cols, shift, lengths, left: bool) -> tuple:
+    "(mask [B, T'] bool, position_ids) of padded rows; `cols` is [[0, 1, ..., T'-1]]."
+    new_mask = (cols >= shift[:, None]) & (cols < (shift + lengths)[:, None])
+    # left padding: each row counts from its first real token; right padding: one row of positions for all (a [1, T']
+    # tensor, so the LLM computes its rotary tables once, not per row; padding's positions are never used)
+    return new_mask, ((new_mask.long().cumsum(1) - 1).masked_fill(~new_mask, 1) if left else cols)
+
+# %% ../../nbs/23_model.tinyllava.ipynb #10ab71d9
+def _cut(max_length, left: bool, embeds, new_mask, position_ids, new_labels) -> tuple:
+    "The merged tensors cut to `max_length` columns; an error for left-padded rows."
+    width = embeds.shape[1]
+    if not (max_length and width > max_length): return embeds, new_mask, position_ids, new_labels
+    if left: raise ValueError(f"merged sequence of {width} tokens exceeds {max_length} with left padding")
+    cut = lambda t: None if t is None else t[:, :max_length]
+    return cut(embeds), cut(new_mask), cut(position_ids), cut(new_labels)
+
+# %% ../../nbs/23_model.tinyllava.ipynb #d68234e4
+def _restart_columns(restarts, starts, lengths, width: int) -> torch.Tensor:
+    "[B, T'] bool: the merged columns where packed samples start, and where the fill after a row's end starts."
+    first = torch.zeros(len(lengths), width + 1, dtype=torch.bool, device=starts.device)
+    sb, st = restarts.nonzero(as_tuple=True)
+    first[sb, starts[sb, st]] = True
+    first[torch.arange(len(lengths), device=starts.device), lengths] = True
+    return first[:, :width]
+
+def _positions_since(first, cols) -> torch.Tensor:
+    "Each column's distance from the last True of `first` at or before it: positions that restart at every True."
+    return cols - torch.where(first, cols, 0).cummax(1).values
+
+# %% ../../nbs/23_model.tinyllava.ipynb #f44aa59c
 def merge_image_features(input_ids: torch.Tensor,        # [B, T], -200 at image slots
                          attention_mask: torch.Tensor,   # [B, T] or None; left or right padding
                          labels: torch.Tensor,           # [B, T] or None
@@ -96,52 +167,25 @@ def merge_image_features(input_ids: torch.Tensor,        # [B, T], -200 at image
                          sizes: torch.Tensor,            # [N]: K'_i, the number of vectors of image i
                          embed_tokens: nn.Module,        # the LLM's input embedding
                          max_length: int = None,         # cut merged rows to this length (right padding only)
-                         position_ids: torch.Tensor = None,  # packed rows (no attention_mask): 0 where each sample starts
+                         position_ids: torch.Tensor = None,  # packed rows (no mask): 0 where each sample starts
                         ) -> tuple:
     "(inputs_embeds [B, T', D], attention_mask, position_ids, labels) with each image's vectors at its -200 slot."
     B, T = input_ids.shape
     restarts = position_ids == 0 if attention_mask is None and position_ids is not None else None   # packed rows
-    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    is_img = (input_ids == IMAGE_TOKEN_INDEX) & mask
-    if int(is_img.sum()) != len(sizes):
-        raise ValueError(f"{int(is_img.sum())} image slots (-200) in input_ids but {len(sizes)} images were given")
-    size = mask.long()
-    size[is_img] = sizes.to(size.device)
-    starts = size.cumsum(1) - size                                       # [B, T] start of each token in its row
-    lengths = size.sum(1)                                                # [B] merged row lengths
-    width = int(lengths.max())
-    left = bool((~mask[:, 0]).any() and mask[:, -1].all())
-    shift = (width - lengths) if left else torch.zeros_like(lengths)
-    starts = starts + shift[:, None]
-    embeds = features.new_zeros(B * width, features.shape[-1])          # rows flattened: one index per write
+    mask, is_img, size = _slot_sizes(input_ids, attention_mask, sizes)                               # 1. sizes
+    starts, lengths, width, shift, left = _merged_starts(size, mask)                                 # 2. starts
+    embeds = features.new_zeros(B * width, features.shape[-1])                 # 3. scatter into the flattened rows
     text_b, text_t = (mask & ~is_img).nonzero(as_tuple=True)
     embeds[text_b * width + starts[text_b, text_t]] = embed_tokens(input_ids[text_b, text_t]).to(features.dtype)
-    img_b, img_t = is_img.nonzero(as_tuple=True)                          # row-major: the order images are given
-    offsets = torch.arange(len(features), device=features.device) - (sizes.cumsum(0) - sizes).repeat_interleave(sizes)
-    embeds[img_b.repeat_interleave(sizes) * width + starts[img_b, img_t].repeat_interleave(sizes) + offsets] = features
+    embeds[_image_places(is_img, starts, sizes, width, features)] = features
     embeds = embeds.view(B, width, -1)
+    new_labels = _merged_labels(labels, text_b, text_t, starts, width)                               # 4. labels
     cols = torch.arange(width, device=input_ids.device)[None]
-    new_mask = (cols >= shift[:, None]) & (cols < (shift + lengths)[:, None])
-    # left padding: each row counts from its first real token; right padding: one row of positions for all (a [1, T']
-    # tensor, so the LLM computes its rotary tables once, not per row; padding's positions are never used)
-    position_ids = (new_mask.long().cumsum(1) - 1).masked_fill(~new_mask, 1) if left else cols
-    new_labels = None
-    if labels is not None:
-        new_labels = labels.new_full((B, width), IGNORE_INDEX)
-        new_labels[text_b, starts[text_b, text_t]] = labels[text_b, text_t]
-    if restarts is not None:                    # positions restart where each sample (or the fill after the row) starts
-        first = torch.zeros(B, width + 1, dtype=torch.bool, device=cols.device)
-        sb, st = restarts.nonzero(as_tuple=True)
-        first[sb, starts[sb, st]] = True
-        first[torch.arange(B, device=cols.device), lengths] = True
-        first = first[:, :width]
-        position_ids = cols - torch.where(first, cols, 0).cummax(1).values
-        return embeds, None, position_ids, new_labels     # no mask: the LLM builds a block-diagonal causal mask
-    if max_length and width > max_length:
-        if left: raise ValueError(f"merged sequence of {width} tokens exceeds {max_length} with left padding")
-        embeds, new_mask, position_ids = embeds[:, :max_length], new_mask[:, :max_length], position_ids[:, :max_length]
-        new_labels = new_labels[:, :max_length] if new_labels is not None else None
-    return embeds, new_mask.long(), position_ids, new_labels
+    if restarts is not None:                                                                         # 7. packed
+        return embeds, None, _positions_since(_restart_columns(restarts, starts, lengths, width), cols), new_labels
+    new_mask, position_ids = _padded_mask_positions(cols, shift, lengths, left)                      # 5. mask
+    embeds, new_mask, position_ids, new_labels = _cut(max_length, left, embeds, new_mask, position_ids, new_labels)
+    return embeds, new_mask.long(), position_ids, new_labels                                         # 6. cut
 
 # %% ../../nbs/23_model.tinyllava.ipynb #6daadc02
 class TinyLlavaPreTrainedModel(PreTrainedModel):
@@ -157,14 +201,17 @@ class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel, GenerationMixi
     "LLM + vision tower + connector; images are merged into the text embeddings for the whole batch at once."
     def __init__(self, config: TinyLlavaConfig, trust_remote_code: bool = False):
         super().__init__(config)
-        if config.text_config is None: raise ValueError("the config names no LLM: set text_config or llm_model_name_or_path")
-        if config.vision_config is None: raise ValueError("the config names no vision tower: set vision_config or vision_model_name_or_path")
+        if config.text_config is None:
+            raise ValueError("the config names no LLM: set text_config or llm_model_name_or_path")
+        if config.vision_config is None:
+            raise ValueError("the config names no vision tower: set vision_config or vision_model_name_or_path")
         family = llm_family(config.text_config)
         self.language_model = family.build(config.text_config, trust_remote_code)
         self.scale_image_features = family.scales_inputs_embeds   # Gemma: see "Gemma's scale" below
         self.vision_tower = vision_towers[config.vision_tower_type](config.vision_config, config.vision_config2)
         if self.vision_tower.hidden_size != config.vision_hidden_size:
-            raise ValueError(f"vision_hidden_size {config.vision_hidden_size} != the vision tower's {self.vision_tower.hidden_size}")
+            raise ValueError(f"vision_hidden_size {config.vision_hidden_size} != the vision tower's "
+                             f"{self.vision_tower.hidden_size}")
         self.connector = build_connector(config)
         self.post_init()
 
@@ -190,8 +237,10 @@ def encode_images(self: TinyLlavaForConditionalGeneration, images) -> tuple:
     feats = self.vision_tower(pixels.to(device=first.device, dtype=first.dtype), self.config.vision_feature_layer,
                               self.config.vision_feature_select_strategy)
     feats = self.connector(feats)                                          # [sum tiles, K', D]
-    if self.scale_image_features: feats = feats * torch.tensor(self.config.text_config.hidden_size ** 0.5, dtype=feats.dtype)
-    sizes = torch.full((len(pixels),), feats.shape[1], device=feats.device) if tiles is None else (tiles * feats.shape[1]).to(feats.device)
+    if self.scale_image_features:
+        feats = feats * torch.tensor(self.config.text_config.hidden_size ** 0.5, dtype=feats.dtype)
+    sizes = (torch.full((len(pixels),), feats.shape[1], device=feats.device) if tiles is None
+             else (tiles * feats.shape[1]).to(feats.device))
     return feats.flatten(0, 1), sizes
 
 # %% ../../nbs/23_model.tinyllava.ipynb #bc7f0901
@@ -201,11 +250,14 @@ def prepare_inputs(self: TinyLlavaForConditionalGeneration, input_ids, attention
     "LLM inputs: `inputs_embeds` with the images merged in, `attention_mask`, `position_ids`, `labels`."
     has_slots = bool((input_ids == IMAGE_TOKEN_INDEX).any())
     if images is None or (isinstance(images, (list, tuple)) and not images):
-        if has_slots: raise ValueError(f"{int((input_ids == IMAGE_TOKEN_INDEX).sum())} image slots (-200) in input_ids but no images were given")
+        if has_slots:
+            raise ValueError(f"{int((input_ids == IMAGE_TOKEN_INDEX).sum())} image slots (-200) in input_ids "
+                             "but no images were given")
         embeds = self.get_input_embeddings()(input_ids)
         return dict(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels)
     feats, sizes = self.encode_images(images)
-    embeds, mask, pos, labels = merge_image_features(input_ids, attention_mask, labels, feats, sizes, self.get_input_embeddings(),
+    embeds, mask, pos, labels = merge_image_features(input_ids, attention_mask, labels, feats, sizes,
+                                                     self.get_input_embeddings(),
                                                      self.config.tokenizer_model_max_length, position_ids)
     return dict(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, labels=labels)
 
@@ -246,13 +298,16 @@ def toy_tinyllava(llm: str = 'phi', vision: str = 'siglip', connector: str = 'ml
     "(model, tokenizer, image_processor): a tiny random TinyLLaVA of the given parts, built offline."
     from tinyllava_nb.toy import toy_image_processor, toy_llm_config, toy_tokenizer, toy_vision_config, toy_vision_parts
     tok, (first, second) = llm_family(llm).post_load(toy_tokenizer(llm)), toy_vision_parts(vision)
-    vcfg = lambda fam: toy_vision_config(fam, image_size=image_size, patch_size=patch_size, hidden_size=vision_hidden_size,
-                                         num_hidden_layers=vision_layers)
-    cfg = TinyLlavaConfig(text_config=toy_llm_config(llm, tok, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers),
+    vcfg = lambda fam: toy_vision_config(fam, image_size=image_size, patch_size=patch_size,
+                                         hidden_size=vision_hidden_size, num_hidden_layers=vision_layers)
+    cfg = TinyLlavaConfig(text_config=toy_llm_config(llm, tok, hidden_size=hidden_size,
+                                                     num_hidden_layers=num_hidden_layers),
                           vision_config=vcfg(first),
-                          connector_type=connector, vision_model_name_or_path=f'{vision}:toy' if vision == 'mof' else '',
+                          connector_type=connector,
+                          vision_model_name_or_path=f'{vision}:toy' if vision == 'mof' else '',
                           vision_config2=vcfg(second) if second else None,
-                          num_queries=kwargs.pop('num_queries', 4), num_resampler_layers=kwargs.pop('num_resampler_layers', 1),
+                          num_queries=kwargs.pop('num_queries', 4),
+                          num_resampler_layers=kwargs.pop('num_resampler_layers', 1),
                           pad_token=tok.pad_token, pad_token_id=tok.pad_token_id,
                           tokenizer_model_max_length=tok.model_max_length, **kwargs)
     torch.manual_seed(seed)
@@ -280,12 +335,14 @@ def published_names(model) -> dict:
     "{a weight's name in the files `save_pretrained` writes: its name in the model}."
     keys = list(model.state_dict()); _conversions(model)
     saved = revert_weight_conversion(model, {k: torch.tensor([float(i)]) for i, k in enumerate(keys)})
-    if any(t.numel() != 1 for t in saved.values()): raise ValueError("saving this model splits or merges weights: its files cannot be read back by name")
+    if any(t.numel() != 1 for t in saved.values()):
+        raise ValueError("saving this model splits or merges weights: its files cannot be read back by name")
     return {k: keys[int(t)] for k, t in saved.items()}
 
 @patch
 def to_dict(self: TinyLlavaConfig) -> dict:
-    "Hugging Face's dict, with the LLM's RoPE base and fraction also at text_config's top level, where transformers 4 reads them."
+    ("Hugging Face's dict, with the LLM's RoPE base and fraction also at text_config's top level, "
+     "where transformers 4 reads them.")
     d = super(TinyLlavaConfig, self).to_dict()
     t = d.get('text_config') or {}
     for k, v in (t.get('rope_parameters') or {}).items():
@@ -303,17 +360,21 @@ def _load_bin(path) -> dict: return torch.load(path, map_location='cpu', weights
 
 def _check_keys(where, missing: list, unexpected: list, tied=()):
     "Raise an error naming the parts (language_model, vision_tower, connector) whose weights do not match."
-    missing, unexpected = sorted(k for k in missing if k not in tied and k.split('.', 1)[-1] not in tied), sorted(unexpected)
+    missing, unexpected = (sorted(k for k in missing if k not in tied and k.split('.', 1)[-1] not in tied),
+                           sorted(unexpected))
     if not (missing or unexpected): return
     part = lambda keys: sorted({k.split('.')[0] for k in keys})
     raise ValueError(f"{where}: the weights do not fit the model. Missing: {len(missing)} in {part(missing)} "
-                     f"(e.g. {missing[:3]}); unexpected: {len(unexpected)} in {part(unexpected)} (e.g. {unexpected[:3]}). "
+                     f"(e.g. {missing[:3]}); unexpected: {len(unexpected)} in {part(unexpected)} "
+                     f"(e.g. {unexpected[:3]}). "
                      "Was the config (connector_type, a part's size) changed after saving?")
 
 def load_stage_folders(model: TinyLlavaForConditionalGeneration, path) -> TinyLlavaForConditionalGeneration:
-    "Load TinyLLaVA Factory's pretrain-stage layout: language_model/, vision_tower/, connector/ (pytorch_model.bin each)."
+    ("Load TinyLLaVA Factory's pretrain-stage layout: language_model/, vision_tower/, connector/ "
+     "(pytorch_model.bin each).")
     path = Path(path)
-    parts = dict(language_model=model.language_model, vision_tower=model.vision_tower._vision_tower, connector=model.connector)
+    parts = dict(language_model=model.language_model, vision_tower=model.vision_tower._vision_tower,
+                 connector=model.connector)
     for folder, module in parts.items():
         f = path / folder / 'pytorch_model.bin'
         if not f.exists(): raise FileNotFoundError(f"{f} is missing: not a TinyLLaVA Factory pretrain folder")
@@ -328,9 +389,10 @@ def _load_weights(path: Path, config, torch_dtype, trust_remote_code: bool):
         try:
             with safe_open(f, 'pt'): pass
         except Exception as e: raise OSError(f"{f} cannot be read ({e}): damaged, or not copied completely") from None
-    model, info = TinyLlavaForConditionalGeneration.from_pretrained(path, trust_remote_code, config=config, dtype=torch_dtype,
-                                                                    output_loading_info=True)
-    _check_keys(path, info['missing_keys'], info['unexpected_keys'], set(getattr(model, 'all_tied_weights_keys', {}) or {}))
+    model, info = TinyLlavaForConditionalGeneration.from_pretrained(path, trust_remote_code, config=config,
+                                                                    dtype=torch_dtype, output_loading_info=True)
+    _check_keys(path, info['missing_keys'], info['unexpected_keys'],
+                set(getattr(model, 'all_tied_weights_keys', {}) or {}))
     return model
 
 def _tokenizer_of(path: Path, config):
@@ -349,15 +411,20 @@ def _processor_of(path: Path, config):
     if not (path / 'preprocessor_config.json').exists():
         return vision_towers[config.vision_tower_type].processor_for(config.vision_config)
     try: return AutoImageProcessor.from_pretrained(path)
-    except Exception as e: raise ValueError(f"{path / 'preprocessor_config.json'} is not an image processor config ({e})") from None
+    except Exception as e:
+        raise ValueError(f"{path / 'preprocessor_config.json'} is not an image processor config ({e})") from None
 
-def load_pretrained(path, torch_dtype=None, device=None, merge_lora: bool = True, trust_remote_code: bool = False) -> tuple:
-    "(model, tokenizer, image_processor) from a TinyLLaVA directory: ours, a LoRA run's, a released TinyLLaVA Factory one, or its pretrain folders."
+def load_pretrained(path, torch_dtype=None, device=None, merge_lora: bool = True,
+                    trust_remote_code: bool = False) -> tuple:
+    ("(model, tokenizer, image_processor) from a TinyLLaVA directory: ours, a LoRA run's, a released "
+     "TinyLLaVA Factory one, or its pretrain folders.")
     path = Path(path)
-    if (path / 'adapter_config.json').exists(): return _load_lora(path, torch_dtype, device, merge_lora, trust_remote_code)
+    if (path / 'adapter_config.json').exists():
+        return _load_lora(path, torch_dtype, device, merge_lora, trust_remote_code)
     data = read_config_json(path)
     if data['model_type'] != 'tinyllava':
-        raise ValueError(f"{path} holds a {data['model_type']!r} model, not a TinyLLaVA one (config.json model_type 'tinyllava')")
+        raise ValueError(f"{path} holds a {data['model_type']!r} model, not a TinyLLaVA one "
+                         "(config.json model_type 'tinyllava')")
     config = TinyLlavaConfig(**data, trust_remote_code=trust_remote_code)
     if (path / 'connector' / 'pytorch_model.bin').exists():
         model = load_stage_folders(TinyLlavaForConditionalGeneration(config, trust_remote_code), path)

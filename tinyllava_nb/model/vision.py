@@ -50,22 +50,28 @@ class VisionTower(nn.Module):
         self.requires_grad_(False)
         return self
 
-    def forward(self, pixel_values: torch.Tensor, vision_feature_layer: int = -2, vision_feature_select_strategy: str = 'patch'):
+    def forward(self, pixel_values: torch.Tensor, vision_feature_layer: int = -2,
+                vision_feature_select_strategy: str = 'patch'):
         out = self._vision_tower(pixel_values, output_hidden_states=True)
         return select_features(out.hidden_states[vision_feature_layer], vision_feature_select_strategy)  # [N, K, D]
 
     def num_tokens(self, strategy: str = 'patch') -> int:
-        "Image tokens per image with `strategy`."
+        "Image tokens per image with `strategy`, at the size the published processor feeds."
         cfg = self._vision_tower.config
-        return (cfg.image_size // cfg.patch_size) ** 2 + self.has_cls - (strategy == 'patch')
+        return (self.input_size(cfg) // cfg.patch_size) ** 2 + self.has_cls - (strategy == 'patch')
+
+    @classmethod
+    def input_size(cls, config) -> int:
+        "The side, in pixels, of the pictures the tower's published image processor makes."
+        return config.image_size
 
     @property
     def hidden_size(self) -> int: return self._vision_tower.config.hidden_size
 
     @classmethod
     def processor_for(cls, config, size: int = None, resize: int = None):
-        "The published image processor of this tower for `size` px (default: `config.image_size`), built offline."
-        size = size or config.image_size
+        "The published image processor of this tower for `size` px (default: `input_size`), built offline."
+        size = size or cls.input_size(config)
         proc = getattr(transformers, cls.processor_class + 'Pil', None) or getattr(transformers, cls.processor_class)
         sizes = (dict(size={'shortest_edge': resize or size}, crop_size={'height': size, 'width': size}) if cls.crop
                  else dict(size={'height': size, 'width': size}))
@@ -93,8 +99,13 @@ class DINOv2VisionTower(VisionTower):
     processor_kwargs = dict(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])   # ImageNet's
 
     @classmethod
+    def input_size(cls, config) -> int:
+        "224 for a checkpoint that stores DINOv2's 518-px pretraining size: its published processor crops 224."
+        return 224 if config.image_size == 518 else config.image_size
+
+    @classmethod
     def processor_for(cls, config, size: int = None, resize: int = None):
-        "DINOv2 checkpoints store their 518-px pretraining size; the published processor resizes to 256, then crops 224."
+        "The published processor; for a 518-px checkpoint it resizes to 256, then crops 224."
         if size or config.image_size != 518: return super().processor_for(config, size, resize)
         return super().processor_for(config, 224, 256)
 
@@ -148,8 +159,8 @@ def vision_tower_name(name_or_path: str, vision_config=None) -> str:
     if vision_config is None: vision_config = vision_config_of(path)
     matches = [n for n in vision_towers if n != 'mof' and vision_towers[n].model_type == vision_config.model_type]
     if not matches:
-        raise ValueError(f"no vision tower for model_type {vision_config.model_type!r} (of {name_or_path!r}); registered "
-                         f"towers: {', '.join(vision_towers.names())}")
+        raise ValueError(f"no vision tower for model_type {vision_config.model_type!r} (of {name_or_path!r}); "
+                         f"registered towers: {', '.join(vision_towers.names())}")
     return matches[0]
 
 def vision_config_of(name_or_path: str):

@@ -15,7 +15,8 @@ from torch import nn
 
 # %% ../../nbs/30_train.recipe.ipynb #1d9866ed
 TUNE_TYPES = ('frozen', 'full', 'partially-tune', 'lora', 'qlora')
-COMPONENTS = dict(llm='language_model', vision_tower='vision_tower', connector='connector')   # recipe name -> attribute
+# recipe name -> attribute
+COMPONENTS = dict(llm='language_model', vision_tower='vision_tower', connector='connector')
 _LAYER = re.compile(r'\.(?:layers|layer)\.(\d+)\.')          # decoder / encoder layer index in a parameter name
 
 @dataclass
@@ -36,9 +37,10 @@ class Recipe:
         "A recipe from training arguments with TinyLLaVA Factory's names (`tune_type_llm`, ...)."
         get = lambda k, d=None: getattr(args, k, d)
         layer = get('tune_vision_tower_from_layer')
-        return cls(get('tune_type_llm', 'frozen'), get('tune_type_vision_tower', 'frozen'), get('tune_type_connector', 'full'),
-                   None if layer is None or layer < 0 else layer, get('tune_llm_last_layers'), get('lora_r'), get('lora_alpha'),
-                   get('lora_dropout', 0.05), bool(get('gradient_checkpointing', False)))
+        return cls(get('tune_type_llm', 'frozen'), get('tune_type_vision_tower', 'frozen'),
+                   get('tune_type_connector', 'full'), None if layer is None or layer < 0 else layer,
+                   get('tune_llm_last_layers'), get('lora_r'), get('lora_alpha'), get('lora_dropout', 0.05),
+                   bool(get('gradient_checkpointing', False)))
 
     def tune_types(self) -> dict: return {c: getattr(self, c) for c in COMPONENTS}
     def uses_lora(self) -> bool: return any(t in ('lora', 'qlora') for t in self.tune_types().values())
@@ -49,13 +51,18 @@ def check(self: Recipe, connector_type: str = None) -> 'Recipe':
     "Raise `ValueError` naming what to change if this recipe cannot run; return it otherwise."
     for comp, t in self.tune_types().items():
         if t not in TUNE_TYPES: raise ValueError(f"tune_type_{comp}={t!r} is not one of {', '.join(TUNE_TYPES)}")
-    if self.connector == 'partially-tune': raise ValueError("tune_type_connector cannot be 'partially-tune': use 'full' or 'lora'")
-    if self.vision_tower == 'partially-tune' and (self.vision_tower_from_layer is None or self.vision_tower_from_layer < 0):
-        raise ValueError("tune_type_vision_tower='partially-tune' needs tune_vision_tower_from_layer (e.g. 12): the first layer to train")
+    if self.connector == 'partially-tune':
+        raise ValueError("tune_type_connector cannot be 'partially-tune': use 'full' or 'lora'")
+    if self.vision_tower == 'partially-tune' and (self.vision_tower_from_layer is None or
+                                                  self.vision_tower_from_layer < 0):
+        raise ValueError("tune_type_vision_tower='partially-tune' needs tune_vision_tower_from_layer (e.g. 12): "
+                         "the first layer to train")
     if self.llm == 'partially-tune' and not self.llm_last_layers:
-        raise ValueError("tune_type_llm='partially-tune' needs tune_llm_last_layers (e.g. 4): how many final layers to train")
+        raise ValueError("tune_type_llm='partially-tune' needs tune_llm_last_layers (e.g. 4): "
+                         "how many final layers to train")
     for comp in ('vision_tower', 'connector'):
-        if getattr(self, comp) == 'qlora': raise ValueError(f"tune_type_{comp}='qlora': only the LLM is loaded in 4 bit; use 'lora'")
+        if getattr(self, comp) == 'qlora':
+            raise ValueError(f"tune_type_{comp}='qlora': only the LLM is loaded in 4 bit; use 'lora'")
     if self.llm == 'qlora' and importlib.util.find_spec('bitsandbytes') is None:
         raise ValueError("tune_type_llm='qlora' needs bitsandbytes: pip install bitsandbytes (or use 'lora')")
     if (self.lora_r or self.lora_alpha) and not self.uses_lora():
@@ -92,7 +99,8 @@ def _unfreeze(model, recipe: Recipe) -> list:
 def lora_targets(model, recipe: Recipe) -> list:
     "Full names of the linear layers that get LoRA adapters (every nn.Linear of each LoRA part but the LM head)."
     prefixes = tuple(COMPONENTS[c] + '.' for c, t in recipe.tune_types().items() if t in ('lora', 'qlora'))
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(prefixes) and not n.endswith('lm_head')]
+    return [n for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n.startswith(prefixes) and not n.endswith('lm_head')]
 
 # %% ../../nbs/30_train.recipe.ipynb #a7371ff9
 def apply_recipe(model, recipe: Recipe, verbose: bool = True):
@@ -101,15 +109,16 @@ def apply_recipe(model, recipe: Recipe, verbose: bool = True):
     model.requires_grad_(False)
     if recipe.llm == 'qlora':
         if not any(type(m).__name__ == 'Linear4bit' for m in model.language_model.modules()):
-            raise ValueError("tune_type_llm='qlora' needs the LLM loaded in 4 bit (train() does it; by hand: load it with "
-                             "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'))")
+            raise ValueError("tune_type_llm='qlora' needs the LLM loaded in 4 bit (train() does it; by hand: "
+                             "load it with BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4'))")
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.gradient_checkpointing)
     keep = _unfreeze(model, recipe)
     if recipe.uses_lora():
         from peft import LoraConfig, get_peft_model
-        config = LoraConfig(r=recipe.lora_r or 64, lora_alpha=recipe.lora_alpha or 16, lora_dropout=recipe.lora_dropout,
-                            target_modules=lora_targets(model, recipe), modules_to_save=keep or None)
+        config = LoraConfig(r=recipe.lora_r or 64, lora_alpha=recipe.lora_alpha or 16,
+                            lora_dropout=recipe.lora_dropout, target_modules=lora_targets(model, recipe),
+                            modules_to_save=keep or None)
         model = get_peft_model(model, config)
     if recipe.gradient_checkpointing: enable_checkpointing(model)
     table = trainable_table(model, recipe)
@@ -119,7 +128,8 @@ def apply_recipe(model, recipe: Recipe, verbose: bool = True):
 def enable_checkpointing(model):
     "Non-reentrant activation (gradient) checkpointing on every layer that supports it."
     kw = {'use_reentrant': False}
-    if hasattr(model, 'activation_checkpointing_enable'): model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    if hasattr(model, 'activation_checkpointing_enable'):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
     else: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
 def trainable_table(model, recipe: Recipe = None) -> list:
@@ -138,6 +148,7 @@ def format_table(table: list) -> str:
     "The trainable-parameter table as text."
     lines = [f"{'part':13} {'tune type':15} {'trainable':>12} {'total':>12} {'%':>6}"]
     for r in table:
-        lines.append(f"{r['part']:13} {r['tune_type']:15} {r['trainable']:>12,} {r['total']:>12,} {100 * r['trainable'] / max(r['total'], 1):>6.1f}")
+        lines.append(f"{r['part']:13} {r['tune_type']:15} {r['trainable']:>12,} {r['total']:>12,} "
+                     f"{100 * r['trainable'] / max(r['total'], 1):>6.1f}")
     t, n = sum(r['trainable'] for r in table), sum(r['total'] for r in table)
     return '\n'.join(lines + [f"{'all':13} {'':15} {t:>12,} {n:>12,} {100 * t / max(n, 1):>6.1f}"])

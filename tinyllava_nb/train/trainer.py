@@ -41,20 +41,28 @@ class TrainingArguments(transformers.TrainingArguments):
     tune_type_llm: str = field(default='frozen', metadata={'help': 'frozen, full, partially-tune, lora or qlora'})
     tune_type_vision_tower: str = field(default='frozen', metadata={'help': 'frozen, full, partially-tune or lora'})
     tune_type_connector: str = field(default='full', metadata={'help': 'frozen, full or lora'})
-    tune_vision_tower_from_layer: int = field(default=-1, metadata={'help': 'partially-tune: first vision layer to train'})
-    tune_llm_last_layers: int = field(default=None, metadata={'help': "partially-tune: how many of the LLM's last layers to train"})
+    tune_vision_tower_from_layer: int = field(default=-1,
+                                              metadata={'help': 'partially-tune: first vision layer to train'})
+    tune_llm_last_layers: int = field(default=None,
+                                      metadata={'help': "partially-tune: how many of the LLM's last layers to train"})
     lora_r: int = field(default=None, metadata={'help': 'LoRA rank (64 when a part uses LoRA)'})
     lora_alpha: int = field(default=None, metadata={'help': 'LoRA alpha (16 when a part uses LoRA)'})
     lora_dropout: float = 0.05
-    mm_projector_lr: float = field(default=None, metadata={'help': 'learning rate of the connector (default: learning_rate)'})
-    vision_tower_lr: float = field(default=None, metadata={'help': 'learning rate of the vision tower (default: learning_rate)'})
+    mm_projector_lr: float = field(default=None,
+                                   metadata={'help': 'learning rate of the connector (default: learning_rate)'})
+    vision_tower_lr: float = field(default=None,
+                                   metadata={'help': 'learning rate of the vision tower (default: learning_rate)'})
     group_by_length: bool = field(default=False, metadata={'help': 'batch samples of similar token length together'})
-    group_by_modality_length: bool = field(default=False, metadata={'help': 'and keep image and text-only samples apart'})
-    packing: bool = field(default=False, metadata={'help': 'each batch as one row without padding (position ids restart per sample)'})
-    pretrained_model_path: str = field(default=None, metadata={'help': "the previous stage's output (finetune after pretrain)"})
+    group_by_modality_length: bool = field(default=False,
+                                           metadata={'help': 'and keep image and text-only samples apart'})
+    packing: bool = field(default=False, metadata={'help': 'each batch as one row without padding '
+                                                           '(position ids restart per sample)'})
+    pretrained_model_path: str = field(default=None,
+                                       metadata={'help': "the previous stage's output (finetune after pretrain)"})
     overwrite_output_dir: bool = field(default=False, metadata={'help': "start again where a model or checkpoints are: "
                                        "the earlier checkpoints are removed first, the model replaced at the end"})
-    warmup_ratio: float = field(default=None, metadata={'help': 'warmup as a fraction of the steps (TinyLLaVA\'s name; sets warmup_steps)'})
+    warmup_ratio: float = field(default=None, metadata={'help': 'warmup as a fraction of the steps '
+                                                                '(TinyLLaVA\'s name; sets warmup_steps)'})
     logging_steps: float = 1                      # the loss of every step
     remove_unused_columns: bool = False           # batches carry `images`; the collator already drops the rest
     save_strategy: str = 'no'                     # checkpoints only when asked (set save_steps and 'steps')
@@ -62,8 +70,11 @@ class TrainingArguments(transformers.TrainingArguments):
     def __post_init__(self):
         check_numbers(self)
         if self.warmup_ratio is not None:         # transformers 5 reads a fraction < 1 in warmup_steps as a ratio
-            if self.warmup_steps: raise ValueError(f"give warmup_ratio ({self.warmup_ratio}) or warmup_steps ({self.warmup_steps}), not both")
-            if not 0 <= self.warmup_ratio < 1: raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            if self.warmup_steps:
+                raise ValueError(f"give warmup_ratio ({self.warmup_ratio}) or warmup_steps ({self.warmup_steps}), "
+                                 "not both")
+            if not 0 <= self.warmup_ratio < 1:
+                raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
             self.warmup_steps = self.warmup_ratio
         super().__post_init__()
 
@@ -160,9 +171,12 @@ def _load_from_checkpoint(self: TinyLlavaTrainer, resume_from_checkpoint, model=
     "The Trainer's resume, reading the weights by the published names `save_pretrained` wrote; every weight must fit."
     model, ckpt = model or self.model, Path(resume_from_checkpoint)
     index = ckpt / 'model.safetensors.index.json'      # a sharded save lists its files
-    files = sorted({ckpt / f for f in json.loads(index.read_text())['weight_map'].values()}) if index.exists() else [ckpt / 'model.safetensors']
-    if not all(f.exists() for f in files) or not isinstance(model, TinyLlavaForConditionalGeneration) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+    files = (sorted({ckpt / f for f in json.loads(index.read_text())['weight_map'].values()}) if index.exists()
+             else [ckpt / 'model.safetensors'])
+    if (not all(f.exists() for f in files) or not isinstance(model, TinyLlavaForConditionalGeneration)
+            or self.is_deepspeed_enabled or self.is_fsdp_enabled):
         return Trainer._load_from_checkpoint(self, resume_from_checkpoint, model)
     names = published_names(model)
-    missing, unexpected = model.load_state_dict({names.get(k, k): v for f in files for k, v in load_file(f).items()}, strict=False)
+    missing, unexpected = model.load_state_dict({names.get(k, k): v for f in files for k, v in load_file(f).items()},
+                                                strict=False)
     _check_keys(ckpt, missing, unexpected, set(getattr(model, 'all_tied_weights_keys', {}) or {}))
