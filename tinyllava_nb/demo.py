@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['BUDGETS', 'Budget', 'check_demo_args', 'demo_model', 'PatchLabeller', 'patch_dataset', 'pretrain_vision_tower',
-           'accuracy_by_shapes', 'demo', 'format_metrics', 'plot_losses', 'plot_predictions']
+           'accuracy_by_shapes', 'format_metrics', 'plot_losses', 'plot_predictions', 'demo']
 
 # %% ../nbs/61_demo.ipynb #7707302a
 import json, time
@@ -45,32 +45,41 @@ class Budget:
     vision_layers: int = 2
     patch_size: int = 8          # 48-pixel pictures -> 6 x 6 patches
 
-BUDGETS = dict(default=Budget(), fast=Budget(n_train=4000, n_eval=100, vision_steps=300, pretrain_steps=50, finetune_steps=500))
+BUDGETS = dict(default=Budget(),
+               fast=Budget(n_train=4000, n_eval=100, vision_steps=300, pretrain_steps=50, finetune_steps=500))
 
 # %% ../nbs/61_demo.ipynb #d1905694
 def check_demo_args(output_dir, llm: str, vision: str, connector: str, overwrite: bool):
     "Raise a clear error for an unknown part or an output directory with results in it."
     toy_tokenizers[llm]                       # unknown names list the registered ones
-    if vision not in toy_vision: raise ValueError(f"unknown vision tower {vision!r} for the demo; choose one of {', '.join(toy_vision.names())}")
+    if vision not in toy_vision:
+        raise ValueError(f"unknown vision tower {vision!r} for the demo; choose one of {', '.join(toy_vision.names())}")
     connectors[connector_name(connector)]
-    if connector in ('identity', 'mof_mlp'): raise ValueError(f"connector {connector!r} does not fit the demo's parts; try mlp2x_gelu, linear, resampler or qformer")
+    if connector in ('identity', 'mof_mlp'):
+        raise ValueError(f"connector {connector!r} does not fit the demo's parts; "
+                         "try mlp2x_gelu, linear, resampler or qformer")
     if (Path(output_dir) / 'metrics.json').exists() and not overwrite:
-        raise ValueError(f"{output_dir} already holds demo results (metrics.json): pass --overwrite to replace them, or choose another --output-dir")
+        raise ValueError(f"{output_dir} already holds demo results (metrics.json): pass --overwrite to replace them, "
+                         "or choose another --output-dir")
 
 # %% ../nbs/61_demo.ipynb #2bb151b6
-def demo_model(llm: str = 'phi', vision: str = 'siglip', connector: str = 'mlp2x_gelu', budget: Budget = None, seed: int = 0) -> tuple:
+def demo_model(llm: str = 'phi', vision: str = 'siglip', connector: str = 'mlp2x_gelu', budget: Budget = None,
+               seed: int = 0) -> tuple:
     "(model, tokenizer, image processor): the demo's random toy TinyLLaVA at `budget`'s sizes."
     b = budget or Budget()
     return toy_tinyllava(llm, vision, connector, image_size=48, patch_size=b.patch_size, hidden_size=b.hidden_size,
-                         num_hidden_layers=b.llm_layers, vision_hidden_size=b.vision_hidden_size, vision_layers=b.vision_layers,
-                         seed=seed, vision_feature_layer=-1, vision_feature_select_strategy='cls_patch', image_aspect_ratio='pad')
+                         num_hidden_layers=b.llm_layers, vision_hidden_size=b.vision_hidden_size,
+                         vision_layers=b.vision_layers, seed=seed, vision_feature_layer=-1,
+                         vision_feature_select_strategy='cls_patch', image_aspect_ratio='pad')
 
 # %% ../nbs/61_demo.ipynb #c14fd905
 class PatchLabeller(nn.Module):
-    "A TinyLLaVA's vision tower with a linear head that names, for every patch, its shape and colour (the demo's stage 0)."
+    ("A TinyLLaVA's vision tower with a linear head that names, for every patch, its shape and colour "
+     "(the demo's stage 0).")
     def __init__(self, model):
         super().__init__()
-        self.tower, self.layer, self.strategy = model.vision_tower, model.config.vision_feature_layer, model.config.vision_feature_select_strategy
+        self.tower, self.layer, self.strategy = (model.vision_tower, model.config.vision_feature_layer,
+                                                 model.config.vision_feature_select_strategy)
         self.skip = int(self.tower.has_cls and self.strategy == 'cls_patch')           # a CLS token is no patch
         self.head = nn.Linear(self.tower.hidden_size, 2 + len(SHAPES) + len(COLOURS))
 
@@ -78,7 +87,8 @@ class PatchLabeller(nn.Module):
         "Per-patch logits (shapes, then colours; background first in each); the loss if the targets are given."
         logits = self.head(self.tower(pixel_values, self.layer, self.strategy)[:, self.skip:])
         if shape is None: return dict(logits=logits)
-        if logits.shape[1] != shape.shape[1]: raise ValueError(f"the tower gives {logits.shape[1]} patch tokens, the labels {shape.shape[1]} patches")
+        if logits.shape[1] != shape.shape[1]:
+            raise ValueError(f"the tower gives {logits.shape[1]} patch tokens, the labels {shape.shape[1]} patches")
         k = shape.shape[-1]
         soft_ce = lambda z, p: -(p * z.log_softmax(-1)).sum(-1).mean()
         return dict(loss=soft_ce(logits[..., :k], shape) + soft_ce(logits[..., k:], colour), logits=logits)
@@ -88,7 +98,9 @@ def patch_dataset(world: dict, image_processor, patch_size: int) -> list:
     scenes = json.loads(Path(world['scenes']).read_text())
     images = [Image.open(Path(world['root']) / sc['image']).convert('RGB') for sc in scenes]
     pixels = image_processor(images, return_tensors='pt')['pixel_values']
-    if pixels.shape[-1] != images[0].width: raise ValueError(f"the image processor resizes {images[0].width}-pixel pictures to {pixels.shape[-1]}: patches would not line up")
+    if pixels.shape[-1] != images[0].width:
+        raise ValueError(f"the image processor resizes {images[0].width}-pixel pictures to {pixels.shape[-1]}: "
+                         "patches would not line up")
     rows = []
     for sc, px in zip(scenes, pixels):
         shape, colour = patch_labels([Thing(sh, c, tuple(b)) for sh, c, b in sc['things']], patch_size, images[0].width)
@@ -96,57 +108,66 @@ def patch_dataset(world: dict, image_processor, patch_size: int) -> list:
     return rows
 
 def pretrain_vision_tower(model, image_processor, world: dict, out, b: Budget, seed: int = 0) -> PatchLabeller:
-    "Stage 0: train `model`'s vision tower (and a throw-away head) on the world's per-patch labels; the tower is frozen again after."
+    ("Stage 0: train `model`'s vision tower (and a throw-away head) on the world's per-patch labels; "
+     "the tower is frozen again after.")
     labeller = PatchLabeller(model)
     model.vision_tower.requires_grad_(True)
-    args = transformers.TrainingArguments(output_dir=str(out), max_steps=b.vision_steps, per_device_train_batch_size=b.vision_batch_size,
-                                          learning_rate=b.vision_learning_rate, lr_scheduler_type='cosine', warmup_steps=max(1, b.vision_steps // 20),
-                                          seed=seed, use_cpu=True, report_to='none', save_strategy='no', logging_steps=max(1, b.vision_steps // 50),
+    args = transformers.TrainingArguments(output_dir=str(out), max_steps=b.vision_steps,
+                                          per_device_train_batch_size=b.vision_batch_size,
+                                          learning_rate=b.vision_learning_rate, lr_scheduler_type='cosine',
+                                          warmup_steps=max(1, b.vision_steps // 20), seed=seed, use_cpu=True,
+                                          report_to='none', save_strategy='no',
+                                          logging_steps=max(1, b.vision_steps // 50),
                                           disable_tqdm=True, log_level='error', remove_unused_columns=False)
-    trainer = transformers.Trainer(model=labeller, args=args, train_dataset=patch_dataset(world, image_processor, model.config.vision_config.patch_size))
+    trainer = transformers.Trainer(model=labeller, args=args, train_dataset=patch_dataset(
+        world, image_processor, model.config.vision_config.patch_size))
     trainer.remove_callback(transformers.PrinterCallback); trainer.add_callback(LossPrinter)
     trainer.train(); trainer.save_state()
     model.vision_tower.requires_grad_(False)
     return labeller
 
-# %% ../nbs/61_demo.ipynb #6cb0c6fc
+# %% ../nbs/61_demo.ipynb #d14eeca7
+def _demo_world(out: Path, b: Budget, seed: int) -> tuple:
+    "The data: the shapes world at `b`'s sizes in `out/world`; (its paths, the seconds it took)."
+    t = time.time(); world = make_world(out / 'world', b.n_train, b.n_eval, seed, turns=b.turns)
+    return world, time.time() - t
+
+# %% ../nbs/61_demo.ipynb #7f2b33e7
+def _demo_stage0(out: Path, world: dict, llm: str, vision: str, connector: str, b: Budget, seed: int) -> float:
+    "Stage 0: a random toy model whose tower learns the world's patches, saved to `out/init`; the seconds it took."
+    model, tok, proc = demo_model(llm, vision, connector, b, seed)
+    print(f"== stage 0: the vision tower learns what each patch shows: {b.vision_steps} steps")
+    t = time.time(); pretrain_vision_tower(model, proc, world, out / 'vision', b, seed); secs = time.time() - t
+    save_pretrained_all(model, tok, proc, out / 'init')
+    return secs
+
+# %% ../nbs/61_demo.ipynb #b8655005
 def _stage(name, init, data, conv, steps, out, world, b: Budget, seed: int, vision_lr: float = None):
-    tower = ['--tune_type_vision_tower', 'frozen'] if vision_lr is None else ['--tune_type_vision_tower', 'full', '--vision_tower_lr', str(vision_lr)]
-    args = ['--pretrained_model_path', str(init), '--data_path', str(data), '--image_folder', str(world), '--conv_version', conv,
-            '--tune_type_llm', 'full', '--tune_type_connector', 'full', *tower,
-            '--max_steps', str(steps), '--per_device_train_batch_size', str(b.batch_size), '--learning_rate', str(b.learning_rate),
-            '--lr_scheduler_type', 'cosine', '--warmup_steps', str(max(1, steps // 30)), '--seed', str(seed), '--output_dir', str(out),
-            '--overwrite_output_dir', 'true', '--use_cpu', 'true', '--report_to', 'none', '--disable_tqdm', 'true', '--log_level', 'error']
+    "One training stage through `train.run.main`, from the model in `init` to `out`; the seconds it took."
+    tower = (['--tune_type_vision_tower', 'frozen'] if vision_lr is None
+             else ['--tune_type_vision_tower', 'full', '--vision_tower_lr', str(vision_lr)])
+    args = ['--pretrained_model_path', str(init), '--data_path', str(data), '--image_folder', str(world),
+            '--conv_version', conv, '--tune_type_llm', 'full', '--tune_type_connector', 'full', *tower,
+            '--max_steps', str(steps), '--per_device_train_batch_size', str(b.batch_size),
+            '--learning_rate', str(b.learning_rate), '--lr_scheduler_type', 'cosine',
+            '--warmup_steps', str(max(1, steps // 30)), '--seed', str(seed), '--output_dir', str(out),
+            '--overwrite_output_dir', 'true', '--use_cpu', 'true', '--report_to', 'none', '--disable_tqdm', 'true',
+            '--log_level', 'error']
     print(f"== {name}: {steps} steps")
     t = time.time(); train_main(args)
     return time.time() - t
 
-def _right(text: str, truth: str) -> bool: return text.rstrip('.').lower() == truth    # score_gqa's rule
+def _demo_stages_1_2(out: Path, world: dict, llm: str, b: Budget, seed: int) -> tuple:
+    "Stage 1 on the captions (`out/init` to `out/pretrain`), stage 2 on the questions (to `out/model`); their seconds."
+    t1 = _stage('stage 1: pretrain on captions', out / 'init', world['pretrain'], 'pretrain', b.pretrain_steps,
+                out / 'pretrain', world['root'], b, seed)
+    t2 = _stage('stage 2: finetune on questions', out / 'pretrain', world['finetune'], llms[llm].template,
+                b.finetune_steps, out / 'model', world['root'], b, seed, b.vision_finetune_lr)
+    return t1, t2
 
-def accuracy_by_shapes(world: dict, answers) -> dict:
-    "{question type: {shapes in the picture ('1'..'3', JSON's keys): accuracy}}: does the model tell *which* shape is which, or only what is there?"
-    n = {sc['image']: len(sc['things']) for sc in json.loads(Path(world['eval_scenes']).read_text())}
-    qs = {q['question_id']: q for q in read_jsonl(world['vqa_questions'], strict=True)[0]}
-    gt, hits = json.loads(Path(world['vqa_gt']).read_text()), {}
-    for a in read_jsonl(answers, strict=True)[0]:
-        q = qs[a['question_id']]
-        hits.setdefault(q['type'], {}).setdefault(str(n[q['image']]), []).append(_right(a['text'], gt[a['question_id']]['answer']))
-    return {t: {k: sum(v) / len(v) for k, v in sorted(by_n.items())} for t, by_n in sorted(hits.items())}
-
-def demo(output_dir='runs/demo', llm: str = 'phi', vision: str = 'siglip', connector: str = 'mlp2x_gelu', seed: int = 0,
-         fast: bool = False, overwrite: bool = False, budget: Budget = None) -> dict:
-    "Train a tiny LLaVA on the shapes world and evaluate it; write metrics, pictures and the model to `output_dir`."
-    check_demo_args(output_dir, llm, vision, connector, overwrite)
-    b, out, times = budget or BUDGETS['fast' if fast else 'default'], Path(output_dir), {}
-    out.mkdir(parents=True, exist_ok=True)
-    t = time.time(); world = make_world(out / 'world', b.n_train, b.n_eval, seed, turns=b.turns); times['world'] = time.time() - t
-    model, tok, proc = demo_model(llm, vision, connector, b, seed)
-    print(f"== stage 0: the vision tower learns what each patch shows: {b.vision_steps} steps")
-    t = time.time(); pretrain_vision_tower(model, proc, world, out / 'vision', b, seed); times['vision'] = time.time() - t
-    save_pretrained_all(model, tok, proc, out / 'init')
-    times['pretrain'] = _stage('stage 1: pretrain on captions', out / 'init', world['pretrain'], 'pretrain', b.pretrain_steps, out / 'pretrain', world['root'], b, seed)
-    times['finetune'] = _stage('stage 2: finetune on questions', out / 'pretrain', world['finetune'], llms[llm].template, b.finetune_steps, out / 'model',
-                               world['root'], b, seed, b.vision_finetune_lr)
+# %% ../nbs/61_demo.ipynb #669754d0
+def _demo_evaluate(out: Path, world: dict) -> float:
+    "The model in `out/model` answers the held-out VQA, POPE and MME sets (`out/eval/*_answers.jsonl`); the seconds."
     t = time.time()
     model, tok, proc = load_pretrained(out / 'model')
     for bench, q in [('gqa', 'vqa_questions'), ('pope', 'pope_questions'), ('mme', 'mme_questions')]:
@@ -154,21 +175,32 @@ def demo(output_dir='runs/demo', llm: str = 'phi', vision: str = 'siglip', conne
         if answers.exists(): answers.unlink()
         run_benchmark(bench, model, tok, proc, world[q], world['mme_dir'] if bench == 'mme' else world['root'], answers,
                       batch_size=32, max_new_tokens=8, model_id='demo')
-    times['evaluate'] = time.time() - t
+    return time.time() - t
+
+# %% ../nbs/61_demo.ipynb #2d02043c
+def _right(text: str, truth: str) -> bool: return text.rstrip('.').lower() == truth    # score_gqa's rule
+
+def accuracy_by_shapes(world: dict, answers) -> dict:
+    ("{question type: {shapes in the picture ('1'..'3', JSON's keys): accuracy}}: does the model tell *which* shape "
+     "is which, or only what is there?")
+    n = {sc['image']: len(sc['things']) for sc in json.loads(Path(world['eval_scenes']).read_text())}
+    qs = {q['question_id']: q for q in read_jsonl(world['vqa_questions'], strict=True)[0]}
+    gt, hits = json.loads(Path(world['vqa_gt']).read_text()), {}
+    for a in read_jsonl(answers, strict=True)[0]:
+        q = qs[a['question_id']]
+        hits.setdefault(q['type'], {}).setdefault(str(n[q['image']]), []).append(
+            _right(a['text'], gt[a['question_id']]['answer']))
+    return {t: {k: sum(v) / len(v) for k, v in sorted(by_n.items())} for t, by_n in sorted(hits.items())}
+
+def _demo_metrics(out: Path, world: dict, times: dict, config: dict) -> dict:
+    "The scores of the answers in `out/eval`, with each step's `times` and the run's `config`: the demo's metrics."
     vqa = score_gqa(world['vqa_gt'], out / 'eval' / 'gqa_answers.jsonl')
-    metrics = dict(question_types={k: dict(accuracy=v / 100, chance=CHANCE[k]) for k, v in sorted(vqa['per_semantic_type'].items())},
-                   vqa_overall=vqa['accuracy'] / 100, by_shapes=accuracy_by_shapes(world, out / 'eval' / 'gqa_answers.jsonl'),
-                   pope=score_pope(world['pope_dir'], world['pope_questions'], out / 'eval' / 'pope_answers.jsonl'),
-                   mme=score_mme(out / 'eval' / 'mme_answers.jsonl', world['mme_dir']), seconds=times,
-                   config=dict(llm=llm, vision=vision, connector=connector, seed=seed, budget=asdict(b)))
-    (out / 'metrics.json').write_text(json.dumps(metrics, indent=1))
-    import matplotlib.pyplot as plt
-    for name, fig in [('loss.png', plot_losses(out)), ('predictions.png', plot_predictions(out, world))]:
-        fig.savefig(out / name, dpi=80, bbox_inches='tight'); plt.close(fig)
-    print(format_metrics(metrics))
-    print(f"\nwritten to {out}: metrics.json, loss.png, predictions.png, the model in {out / 'model'} "
-          f"(try: tinyllava-nb chat --model-path {out / 'model'} --image-file {out / 'world' / 'images' / 'eval_0.png'})")
-    return metrics
+    return dict(question_types={k: dict(accuracy=v / 100, chance=CHANCE[k])
+                                for k, v in sorted(vqa['per_semantic_type'].items())},
+                vqa_overall=vqa['accuracy'] / 100,
+                by_shapes=accuracy_by_shapes(world, out / 'eval' / 'gqa_answers.jsonl'),
+                pope=score_pope(world['pope_dir'], world['pope_questions'], out / 'eval' / 'pope_answers.jsonl'),
+                mme=score_mme(out / 'eval' / 'mme_answers.jsonl', world['mme_dir']), seconds=times, config=config)
 
 # %% ../nbs/61_demo.ipynb #d04444ac
 def format_metrics(m: dict) -> str:
@@ -176,11 +208,14 @@ def format_metrics(m: dict) -> str:
     lines = [f"{'question type':14} {'accuracy':>9} {'chance':>7}   {'1 shape':>8} {'2 shapes':>8} {'3 shapes':>8}"]
     by_n = lambda k: ' '.join(f"{m['by_shapes'][k][n]:>8.1%}" if n in m['by_shapes'][k] else f"{'-':>8}" for n in '123')
     lines += [f"{k:14} {v['accuracy']:>9.1%} {v['chance']:>7.1%}   {by_n(k)}" for k, v in m['question_types'].items()]
-    lines += ['', f"{'POPE':14} {'acc':>7} {'prec':>7} {'recall':>7} {'F1':>7} {'yes':>6}   (chance F1 0.67 if always yes)"]
+    lines += ['', f"{'POPE':14} {'acc':>7} {'prec':>7} {'recall':>7} {'F1':>7} {'yes':>6}   "
+                  "(chance F1 0.67 if always yes)"]
     for c, p in m['pope']['categories'].items():
-        lines.append(f"{c:14} {p['accuracy']:>7.3f} {p['precision']:>7.3f} {p['recall']:>7.3f} {p['f1']:>7.3f} {p['yes_ratio']:>6.2f}")
+        lines.append(f"{c:14} {p['accuracy']:>7.3f} {p['precision']:>7.3f} {p['recall']:>7.3f} {p['f1']:>7.3f} "
+                     f"{p['yes_ratio']:>6.2f}")
     tasks = m['mme']['perception']['tasks']
-    lines += ['', 'MME (score = acc + acc+, chance ~75 of 200): ' + ', '.join(f"{t} {v['score']:.1f}" for t, v in tasks.items())]
+    lines += ['', 'MME (score = acc + acc+, chance ~75 of 200): '
+                  + ', '.join(f"{t} {v['score']:.1f}" for t, v in tasks.items())]
     lines += ['', 'seconds: ' + ', '.join(f"{k} {v:.0f}" for k, v in m['seconds'].items())]
     return '\n'.join(lines)
 
@@ -189,7 +224,8 @@ def plot_losses(out):
     "The three stages' loss curves, from the trainer states."
     import matplotlib.pyplot as plt
     fig, axs = plt.subplots(1, 3, figsize=(9, 2.5))
-    for ax, (stage, title) in zip(axs, [('vision', 'stage 0: patches'), ('pretrain', 'stage 1: captions'), ('model', 'stage 2: questions')]):
+    for ax, (stage, title) in zip(axs, [('vision', 'stage 0: patches'), ('pretrain', 'stage 1: captions'),
+                                        ('model', 'stage 2: questions')]):
         hist = json.loads((Path(out) / stage / 'trainer_state.json').read_text())['log_history']
         ax.plot(*zip(*[(h['step'], h['loss']) for h in hist if 'loss' in h]))
         ax.set_xlabel('step'); ax.set_title(title)
@@ -210,3 +246,31 @@ def plot_predictions(out, world, n: int = 8):
         ax.set_title(f"{gt[a['question_id']]['question']}\nanswer: {truth}\nmodel: {a['text']}", fontsize=6,
                      color='green' if _right(a['text'], truth) else 'red')
     return fig
+
+# %% ../nbs/61_demo.ipynb #4a13778d
+def _demo_report(out: Path, world: dict, metrics: dict):
+    "Write `metrics.json`, `loss.png` and `predictions.png` to `out`; print the table and what was written where."
+    (out / 'metrics.json').write_text(json.dumps(metrics, indent=1))
+    import matplotlib.pyplot as plt
+    for name, fig in [('loss.png', plot_losses(out)), ('predictions.png', plot_predictions(out, world))]:
+        fig.savefig(out / name, dpi=80, bbox_inches='tight'); plt.close(fig)
+    print(format_metrics(metrics))
+    print(f"\nwritten to {out}: metrics.json, loss.png, predictions.png, the model in {out / 'model'} "
+          f"(try: tinyllava-nb chat --model-path {out / 'model'} "
+          f"--image-file {out / 'world' / 'images' / 'eval_0.png'})")
+
+# %% ../nbs/61_demo.ipynb #85bc9176
+def demo(output_dir='runs/demo', llm: str = 'phi', vision: str = 'siglip', connector: str = 'mlp2x_gelu', seed: int = 0,
+         fast: bool = False, overwrite: bool = False, budget: Budget = None) -> dict:
+    "Train a tiny LLaVA on the shapes world and evaluate it; write metrics, pictures and the model to `output_dir`."
+    check_demo_args(output_dir, llm, vision, connector, overwrite)
+    b, out, times = budget or BUDGETS['fast' if fast else 'default'], Path(output_dir), {}
+    out.mkdir(parents=True, exist_ok=True)
+    world, times['world'] = _demo_world(out, b, seed)
+    times['vision'] = _demo_stage0(out, world, llm, vision, connector, b, seed)
+    times['pretrain'], times['finetune'] = _demo_stages_1_2(out, world, llm, b, seed)
+    times['evaluate'] = _demo_evaluate(out, world)
+    config = dict(llm=llm, vision=vision, connector=connector, seed=seed, budget=asdict(b))
+    metrics = _demo_metrics(out, world, times, config)
+    _demo_report(out, world, metrics)
+    return metrics

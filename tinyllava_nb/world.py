@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from .eval.score import write_jsonl
 
 # %% ../nbs/60_world.ipynb #2df1c945
-COLOURS = dict(red=(215, 40, 40), green=(40, 165, 60), blue=(40, 80, 215), yellow=(235, 200, 30), purple=(140, 60, 185), orange=(240, 135, 25))
+COLOURS = dict(red=(215, 40, 40), green=(40, 165, 60), blue=(40, 80, 215), yellow=(235, 200, 30), purple=(140, 60, 185),
+               orange=(240, 135, 25))
 SHAPES = ('circle', 'square', 'triangle', 'cross')
 NUMBERS = ('zero', 'one', 'two', 'three')
 
@@ -43,7 +44,8 @@ def random_scene(rng: random.Random, size: int = 48, max_things: int = 3) -> lis
         x, y = rng.randint(0, size - s), rng.randint(0, size - s)
         box = (x, y, x + s, y + s)
         kind = (rng.choice(SHAPES), rng.choice(list(COLOURS)))
-        if kind in kinds or any(not (box[2] <= t.box[0] or t.box[2] <= box[0] or box[3] <= t.box[1] or t.box[3] <= box[1]) for t in things): continue
+        if kind in kinds or any(not (box[2] <= t.box[0] or t.box[2] <= box[0] or
+                                     box[3] <= t.box[1] or t.box[3] <= box[1]) for t in things): continue
         things.append(Thing(kind[0], kind[1], box)); kinds.add(kind)
     return things
 
@@ -78,7 +80,8 @@ def questions(things: list, rng: random.Random) -> list:
     out, shapes = [], [t.shape for t in things]
     colours = [t.colour for t in things]
     for t in things:
-        if shapes.count(t.shape) == 1: out.append(('colour', f'What colour is the {t.shape}?', t.colour.capitalize() + '.'))
+        if shapes.count(t.shape) == 1:
+            out.append(('colour', f'What colour is the {t.shape}?', t.colour.capitalize() + '.'))
         if colours.count(t.colour) == 1: out.append(('shape', f'What shape is the {t.colour} object?', f'A {t.shape}.'))
     out.append(('count', 'How many shapes are there?', NUMBERS[len(things)].capitalize() + '.'))
     for a in things:
@@ -87,7 +90,8 @@ def questions(things: list, rng: random.Random) -> list:
                 out.append(('position', f'Is the {a.name} left or right of the {b.name}?', 'Left.'))
                 out.append(('position', f'Is the {b.name} left or right of the {a.name}?', 'Right.'))
     present = rng.choice(things)
-    absent = rng.choice([(s, c) for s in SHAPES for c in COLOURS if (s, c) not in {(t.shape, t.colour) for t in things}])
+    absent = rng.choice([(s, c) for s in SHAPES for c in COLOURS
+                         if (s, c) not in {(t.shape, t.colour) for t in things}])
     where = rng.choice(['', ' in the image', ' in this image'])
     out.append(('exist', f'Is there a {present.name}{where}?', 'Yes.'))
     out.append(('exist', f'Is there a {absent[1]} {absent[0]}{where}?', 'No.'))
@@ -102,7 +106,8 @@ def label_map(things: list, size: int = 48) -> np.ndarray:
     return np.asarray(img)
 
 def patch_labels(things: list, patch_size: int, size: int = 48) -> tuple:
-    "(shape, colour) fractions per patch, row by row: [patches, 1 + len(SHAPES)] and [patches, 1 + len(COLOURS)]; column 0 is background."
+    ("(shape, colour) fractions per patch, row by row: [patches, 1 + len(SHAPES)] and [patches, 1 + len(COLOURS)]; "
+     "column 0 is background.")
     if size % patch_size: raise ValueError(f"patch_size {patch_size} does not divide the picture's size {size}")
     g = size // patch_size
     blocks = label_map(things, size).reshape(g, patch_size, g, patch_size).transpose(0, 2, 1, 3).reshape(g * g, -1)
@@ -111,81 +116,141 @@ def patch_labels(things: list, patch_size: int, size: int = 48) -> tuple:
     frac = lambda ids, k: np.stack([(ids[blocks] == c).mean(1) for c in range(k)], 1).astype(np.float32)
     return frac(shape_of, 1 + len(SHAPES)), frac(colour_of, 1 + len(COLOURS))
 
-# %% ../nbs/60_world.ipynb #3df7325e
+# %% ../nbs/60_world.ipynb #25cc90a5
 VQA_SUFFIX = 'Answer the question using a single word or phrase.'
 
+def _scene_row(name: str, things: list) -> dict:
+    "A picture's row in `scenes.json`: its file and each shape's [shape, colour, box]."
+    return dict(image=name, things=[[t.shape, t.colour, list(t.box)] for t in things])
+
+def _scene_key(things: list) -> frozenset:
+    "What makes two scenes the same: their shapes' kinds and boxes."
+    return frozenset((t.shape, t.colour, t.box) for t in things)
+
+def _training_samples(i: int, name: str, things: list, rng: random.Random, turns: int = 4,
+                      text_only: float = 0.05) -> tuple:
+    "Training picture `i`'s caption sample and its samples for finetuning: a conversation, maybe a text-only one."
+    prompt = rng.choice(['Describe the image briefly.', 'What do you see?', 'Give a short caption.'])
+    cap = {'id': f'cap{i}', 'image': name, 'conversations': [{'from': 'human', 'value': '<image>\n' + prompt},
+                                                            {'from': 'gpt', 'value': caption(things)}]}
+    qall = questions(things, rng)
+    conv = []
+    for k, (kind, q, a) in enumerate(rng.sample(qall, k=min(turns, len(qall)))):      # up to `turns` answers
+        suffix = rng.choice(['', '\n' + VQA_SUFFIX] + ([' Please answer yes or no.'] if kind == 'exist' else []))
+        conv += [{'from': 'human', 'value': ('<image>\n' if k == 0 else '') + q + suffix}, {'from': 'gpt', 'value': a}]
+    qa = [{'id': f'qa{i}', 'image': name, 'conversations': conv}]
+    if rng.random() < text_only:
+        c = rng.choice(list(COLOURS))
+        qa.append({'id': f'text{i}', 'conversations': [{'from': 'human', 'value': f'Name a shape that is often {c}.'},
+                                                      {'from': 'gpt', 'value': f'A {c} {rng.choice(SHAPES)}.'}]})
+    return cap, qa
+
+# %% ../nbs/60_world.ipynb #37939370
+def _training_set(out: Path, n_train: int, size: int, rng: random.Random, turns: int, text_only: float) -> dict:
+    "Draw and save `n_train` training pictures: their caption samples, finetuning samples, scene rows and scene keys."
+    ts = dict(pretrain=[], finetune=[], scenes=[], seen=set())
+    for i in tqdm(range(n_train), desc='world: training images', leave=False):
+        things = random_scene(rng, size); name = f'images/train_{i}.png'; ts['seen'].add(_scene_key(things))
+        draw(things, size, rng).save(out / name)
+        ts['scenes'].append(_scene_row(name, things))
+        cap, qa = _training_samples(i, name, things, rng, turns, text_only)
+        ts['pretrain'].append(cap); ts['finetune'] += qa
+    return ts
+
+# %% ../nbs/60_world.ipynb #3579a035
+def _vqa_questions(i: int, name: str, things: list, rng: random.Random) -> tuple:
+    "One short question per question type about held-out picture `i`: (question rows, {question_id: GQA's truth})."
+    by_type, rows, gt = {}, [], {}
+    for t, q, a in questions(things, rng): by_type.setdefault(t, []).append((q, a))
+    for t, qa in sorted(by_type.items()):
+        q, a = rng.choice(qa); qid = f'{t}_{i}'
+        rows.append(dict(question_id=qid, image=name, text=f'{q}\n{VQA_SUFFIX}', type=t))
+        gt[qid] = dict(question=q, answer=a.rstrip('.').lower(), isBalanced=True, type=t,
+                       types=dict(structural='verify' if t == 'exist' else 'query', semantic=t))
+    return rows, gt
+
+# %% ../nbs/60_world.ipynb #c201de4c
 def _pope_absent(things, kind, rng):
-    "An absent (shape, colour): random, popular (a frequent colour / shape), or adversarial (shares colour or shape with a present one)."
+    ("An absent (shape, colour): random, popular (a frequent colour / shape), or adversarial (shares colour or shape "
+     "with a present one).")
     present = {(t.shape, t.colour) for t in things}
     pool = [(s, c) for s in SHAPES for c in COLOURS if (s, c) not in present]
-    if kind == 'adversarial': pool = [(s, c) for s, c in pool if any(s == t.shape or c == t.colour for t in things)] or pool
+    if kind == 'adversarial':
+        pool = [(s, c) for s, c in pool if any(s == t.shape or c == t.colour for t in things)] or pool
     if kind == 'popular': pool = [(s, c) for s, c in pool if s in SHAPES[:2] and c in list(COLOURS)[:3]] or pool
     return rng.choice(pool)
 
-def make_world(output_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0, size: int = 48, text_only: float = 0.05,
-               turns: int = 4) -> dict:
+def _pope_questions(name: str, things: list, rng: random.Random, first_id: int = 0) -> list:
+    "POPE's (question row, label) pairs for a held-out picture: a yes, a no per category; ids from `first_id`."
+    rows = []
+    for kind in ('random', 'popular', 'adversarial'):
+        present = rng.choice(things)
+        for label, (s, c) in [('yes', (present.shape, present.colour)), ('no', _pope_absent(things, kind, rng))]:
+            rows.append((dict(question_id=first_id + len(rows), image=name, text=f'Is there a {c} {s} in the image?',
+                              category=kind), label))
+    return rows
+
+# %% ../nbs/60_world.ipynb #eaec82d6
+def _mme_questions(mme_dir: Path, i: int, img: Image.Image, things: list, rng: random.Random) -> list:
+    "Save held-out picture `i` and its two yes/no questions per task in MME's layout; return the question rows."
+    rows = []
+    for task in ('existence', 'color'):
+        img.save(mme_dir / task / f'{i}.png')
+        t = rng.choice(things)
+        if task == 'existence':                 # another shape, absent: does the model see what is not there?
+            s, c = _pope_absent(things, 'adversarial', rng)
+        else:                                   # the same shape in another colour: does it see colours?
+            s, c = t.shape, rng.choice([c for c in COLOURS
+                                        if (t.shape, c) not in {(x.shape, x.colour) for x in things}])
+        pair = [(f'Is there a {t.name} in this image?', 'Yes'), (f'Is there a {c} {s} in this image?', 'No')]
+        (mme_dir / task / f'{i}.txt').write_text(''.join(f'{q} Please answer yes or no.\t{a}\n' for q, a in pair))
+        rows += [dict(question_id=f'{task}/{i}.png', image=f'{task}/{i}.png', text=f'{q} Please answer yes or no.')
+                 for q, _ in pair]
+    return rows
+
+# %% ../nbs/60_world.ipynb #77fbcac2
+def _held_out_sets(out: Path, n_eval: int, size: int, rng: random.Random, seen: set) -> dict:
+    "Draw and save `n_eval` held-out pictures, none a training scene (`seen`), with their VQA, POPE and MME questions."
+    ho = dict(scenes=[], vqa_questions=[], vqa_gt={}, pope_questions=[], mme_questions=[],
+              pope_labels={k: [] for k in ('random', 'popular', 'adversarial')})
+    for task in ('existence', 'color'): (out / 'eval' / 'MME' / task).mkdir(parents=True, exist_ok=True)
+    for i in tqdm(range(n_eval), desc='world: held-out images', leave=False):
+        things = random_scene(rng, size); name = f'images/eval_{i}.png'
+        while _scene_key(things) in seen: things = random_scene(rng, size)
+        img = draw(things, size, rng); img.save(out / name); ho['scenes'].append(_scene_row(name, things))
+        rows, gt = _vqa_questions(i, name, things, rng); ho['vqa_questions'] += rows; ho['vqa_gt'].update(gt)
+        for row, label in _pope_questions(name, things, rng, len(ho['pope_questions'])):
+            ho['pope_questions'].append(row); ho['pope_labels'][row['category']].append(label)
+        ho['mme_questions'] += _mme_questions(out / 'eval' / 'MME', i, img, things, rng)
+    return ho
+
+# %% ../nbs/60_world.ipynb #977fe59e
+def _world_paths(out: Path) -> dict:
+    "Where a world in `out` keeps each of its files."
+    return dict(root=out, pretrain=out / 'pretrain.json', finetune=out / 'finetune.json', scenes=out / 'scenes.json',
+                eval_scenes=out / 'eval/scenes.json', vqa_questions=out / 'eval/vqa_questions.jsonl',
+                vqa_gt=out / 'eval/vqa_gt.json', pope_questions=out / 'eval/pope_questions.jsonl',
+                pope_dir=out / 'eval/pope', mme_questions=out / 'eval/mme_questions.jsonl', mme_dir=out / 'eval/MME')
+
+def _write_world(out: Path, ts: dict, ho: dict) -> dict:
+    "Write the training set `ts` and the held-out sets `ho` to their files in `out`; return the paths."
+    p = _world_paths(out)
+    for k in ('pretrain', 'finetune', 'scenes'): p[k].write_text(json.dumps(ts[k]))
+    p['eval_scenes'].write_text(json.dumps(ho['scenes']))
+    write_jsonl(p['vqa_questions'], ho['vqa_questions']); p['vqa_gt'].write_text(json.dumps(ho['vqa_gt']))
+    write_jsonl(p['pope_questions'], ho['pope_questions']); write_jsonl(p['mme_questions'], ho['mme_questions'])
+    for kind, labels in ho['pope_labels'].items():
+        write_jsonl(p['pope_dir'] / f'coco_pope_{kind}.json', [{'label': l} for l in labels])
+    return p
+
+def make_world(output_dir, n_train: int = 2000, n_eval: int = 200, seed: int = 0, size: int = 48,
+               text_only: float = 0.05, turns: int = 4) -> dict:
     "Write a shapes world (images, training data, held-out benchmark files) to `output_dir`; return its paths."
     out, rng = Path(output_dir), random.Random(seed)
     (out / 'images').mkdir(parents=True, exist_ok=True); (out / 'eval' / 'pope').mkdir(parents=True, exist_ok=True)
-    pretrain, finetune, scenes, eval_scenes = [], [], [], []
-    scene = lambda name, things: dict(image=name, things=[[t.shape, t.colour, list(t.box)] for t in things])
-    key = lambda things: frozenset((t.shape, t.colour, t.box) for t in things)
-    seen = set()                                  # training scenes: a held-out picture never repeats one
-    for i in tqdm(range(n_train), desc='world: training images', leave=False):
-        things = random_scene(rng, size); name = f'images/train_{i}.png'; seen.add(key(things))
-        draw(things, size, rng).save(out / name)
-        scenes.append(scene(name, things))
-        pretrain.append({'id': f'cap{i}', 'image': name, 'conversations': [
-            {'from': 'human', 'value': '<image>\n' + rng.choice(['Describe the image briefly.', 'What do you see?', 'Give a short caption.'])},
-            {'from': 'gpt', 'value': caption(things)}]})
-        qall = questions(things, rng)
-        qs = rng.sample(qall, k=min(turns, len(qall)))          # up to `turns` answers per picture
-        conv = []
-        for k, (kind, q, a) in enumerate(qs):
-            suffix = rng.choice(['', '\n' + VQA_SUFFIX] + ([' Please answer yes or no.'] if kind == 'exist' else []))
-            conv += [{'from': 'human', 'value': ('<image>\n' if k == 0 else '') + q + suffix}, {'from': 'gpt', 'value': a}]
-        finetune.append({'id': f'qa{i}', 'image': name, 'conversations': conv})
-        if rng.random() < text_only:
-            c = rng.choice(list(COLOURS))
-            finetune.append({'id': f'text{i}', 'conversations': [{'from': 'human', 'value': f'Name a shape that is often {c}.'},
-                                                                {'from': 'gpt', 'value': f'A {c} {rng.choice(SHAPES)}.'}]})
-    vqa_q, vqa_gt, pope_q, pope_labels, mme_q = [], {}, [], {k: [] for k in ('random', 'popular', 'adversarial')}, []
-    (out / 'eval' / 'MME' / 'existence').mkdir(parents=True, exist_ok=True); (out / 'eval' / 'MME' / 'color').mkdir(parents=True, exist_ok=True)
-    for i in tqdm(range(n_eval), desc='world: held-out images', leave=False):
-        things = random_scene(rng, size); name = f'images/eval_{i}.png'
-        while key(things) in seen: things = random_scene(rng, size)
-        img = draw(things, size, rng); img.save(out / name); eval_scenes.append(scene(name, things))
-        by_type = {}
-        for t, q, a in questions(things, rng): by_type.setdefault(t, []).append((q, a))
-        for t, qa in sorted(by_type.items()):
-            q, a = rng.choice(qa); qid = f'{t}_{i}'
-            vqa_q.append(dict(question_id=qid, image=name, text=f'{q}\n{VQA_SUFFIX}', type=t))
-            vqa_gt[qid] = dict(question=q, answer=a.rstrip('.').lower(), isBalanced=True, type=t,
-                               types=dict(structural='verify' if t == 'exist' else 'query', semantic=t))
-        for kind in pope_labels:
-            present = rng.choice(things)
-            for label, (s, c) in [('yes', (present.shape, present.colour)), ('no', _pope_absent(things, kind, rng))]:
-                pope_q.append(dict(question_id=len(pope_q), image=name, text=f'Is there a {c} {s} in the image?', category=kind))
-                pope_labels[kind].append(label)
-        for task in ('existence', 'color'):
-            img.save(out / 'eval' / 'MME' / task / f'{i}.png')
-            t = rng.choice(things)
-            if task == 'existence':                 # another shape, absent: does the model see what is not there?
-                s, c = _pope_absent(things, 'adversarial', rng)
-            else:                                   # the same shape in another colour: does it see colours?
-                s, c = t.shape, rng.choice([c for c in COLOURS if (t.shape, c) not in {(x.shape, x.colour) for x in things}])
-            pair = [(f'Is there a {t.name} in this image?', 'Yes'), (f'Is there a {c} {s} in this image?', 'No')]
-            (out / 'eval' / 'MME' / task / f'{i}.txt').write_text(''.join(f'{q} Please answer yes or no.\t{a}\n' for q, a in pair))
-            mme_q += [dict(question_id=f'{task}/{i}.png', image=f'{task}/{i}.png', text=f'{q} Please answer yes or no.') for q, _ in pair]
-    (out / 'pretrain.json').write_text(json.dumps(pretrain)); (out / 'finetune.json').write_text(json.dumps(finetune))
-    (out / 'scenes.json').write_text(json.dumps(scenes)); (out / 'eval' / 'scenes.json').write_text(json.dumps(eval_scenes))
-    write_jsonl(out / 'eval/vqa_questions.jsonl', vqa_q); (out / 'eval' / 'vqa_gt.json').write_text(json.dumps(vqa_gt))
-    write_jsonl(out / 'eval/pope_questions.jsonl', pope_q); write_jsonl(out / 'eval/mme_questions.jsonl', mme_q)
-    for kind, labels in pope_labels.items(): write_jsonl(out / 'eval' / 'pope' / f'coco_pope_{kind}.json', [{'label': l} for l in labels])
-    return dict(root=out, pretrain=out / 'pretrain.json', finetune=out / 'finetune.json', scenes=out / 'scenes.json',
-                eval_scenes=out / 'eval/scenes.json', vqa_questions=out / 'eval/vqa_questions.jsonl',
-                vqa_gt=out / 'eval/vqa_gt.json', pope_questions=out / 'eval/pope_questions.jsonl', pope_dir=out / 'eval/pope',
-                mme_questions=out / 'eval/mme_questions.jsonl', mme_dir=out / 'eval/MME')
+    ts = _training_set(out, n_train, size, rng, turns, text_only)
+    ho = _held_out_sets(out, n_eval, size, rng, ts['seen'])
+    return _write_world(out, ts, ho)
 
 # %% ../nbs/60_world.ipynb #16ead427
 CHANCE = dict(colour=1 / len(COLOURS), shape=1 / len(SHAPES), count=1 / 3, position=1 / 2, exist=1 / 2)
