@@ -23,8 +23,8 @@ def same_definition(a, b) -> bool:
     if hasattr(a, '__qualname__'):                                       # classes and functions (instances have none)
         if name(a) != name(b): return False
         if '<' not in a.__qualname__: return True                        # a named definition, its cell run again
-        code = lambda o: (o.__code__.co_code, o.__code__.co_consts) if hasattr(o, '__code__') else None
-        return code(a) is not None and code(a) == code(b)                # '<lambda>' names no definition: compare code
+        code = lambda o: (o.__code__.co_code, o.__code__.co_consts, o.__code__.co_names, o.__code__.co_varnames)
+        return all(hasattr(o, '__code__') for o in (a, b)) and code(a) == code(b)   # '<lambda>' names nothing: the code
     if is_dataclass(a) and name(type(a)) == name(type(b)):               # e.g. a spec holding a function
         return all(same_definition(getattr(a, f.name), getattr(b, f.name)) for f in fields(a))
     try: return bool(a == b)
