@@ -181,11 +181,12 @@ def merge_image_features(input_ids: torch.Tensor,        # [B, T], -200 at image
     embeds = embeds.view(B, width, -1)
     new_labels = _merged_labels(labels, text_b, text_t, starts, width)                               # 4. labels
     cols = torch.arange(width, device=input_ids.device)[None]
-    if restarts is not None:                                                                         # 7. packed
+    if restarts is not None:                                    # 7. packed rows: no mask, positions restart per sample
         return embeds, None, _positions_since(_restart_columns(restarts, starts, lengths, width), cols), new_labels
     new_mask, position_ids = _padded_mask_positions(cols, shift, lengths, left)                      # 5. mask
+    # 6. cut
     embeds, new_mask, position_ids, new_labels = _cut(max_length, left, embeds, new_mask, position_ids, new_labels)
-    return embeds, new_mask.long(), position_ids, new_labels                                         # 6. cut
+    return embeds, new_mask.long(), position_ids, new_labels
 
 # %% ../../nbs/23_model.tinyllava.ipynb #6daadc02
 class TinyLlavaPreTrainedModel(PreTrainedModel):
