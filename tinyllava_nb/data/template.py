@@ -5,11 +5,13 @@
 # %% auto #0
 __all__ = ['IGNORE_INDEX', 'IMAGE_TOKEN_INDEX', 'DEFAULT_IMAGE_TOKEN', 'SYSTEM', 'templates', 'register_template', 'Formatter',
            'SampleError', 'split_turns', 'Template', 'TemplateFactory', 'PretrainTemplate', 'LlamaTemplate',
-           'PhiTemplate', 'GemmaTemplate', 'Qwen2BaseTemplate', 'Qwen2InstructTemplate', 'tokenize_spans', 'LabelView',
-           'show_labels', 'trained_runs', 'random_conversation', 'check_encoding', 'fuzz_templates']
+           'PhiTemplate', 'GemmaTemplate', 'Qwen2BaseTemplate', 'Qwen2InstructTemplate', 'ChatMLTemplate',
+           'Llama3Template', 'Phi3Template', 'added_prefix', 'tokenize_spans', 'expand_images', 'LabelView',
+           'show_labels', 'trained_runs', 'check_pairing', 'ChatTemplate', 'random_conversation', 'check_encoding',
+           'fuzz_templates']
 
 # %% ../../nbs/10_data.template.ipynb #718a57ca
-import bisect
+import bisect, os, re
 from dataclasses import dataclass
 import numpy as np
 import torch
@@ -86,17 +88,22 @@ class Template:
     format_user: Formatter = Formatter("USER: {{content}} ")
     format_assistant: Formatter = Formatter("ASSISTANT: {{content}}")
     system: Formatter = Formatter(SYSTEM + " ")
+    strip_head: bool = True   # the infer prompt ends at the assistant head without its trailing whitespace
 
-    def render(self, questions: list, answers: list) -> tuple:
+    def place_images(self, question: str) -> str:
+        "One `<image>` goes to the front of the question (`format_image_token`); several stay where they are."
+        if question.count(DEFAULT_IMAGE_TOKEN) != 1: return question
+        return self.format_image_token.apply(question.replace(DEFAULT_IMAGE_TOKEN, '').strip()).strip()
+
+    def render(self, questions: list, answers: list,
+               tokenizer=None,   # unused here; a template that renders the tokenizer's own format needs it
+              ) -> tuple:
         "The prompt string and the (start, end) character span of each answer that is trained."
         text, spans = "", []
         for i, (q, a) in enumerate(zip(questions, answers)):
             if i == 0: text += self.system.apply()
-            n_images = q.count(DEFAULT_IMAGE_TOKEN)
-            if n_images: q = q.replace(DEFAULT_IMAGE_TOKEN, '').strip()
-            for _ in range(n_images): q = self.format_image_token.apply(q).strip()
-            text += self.format_user.apply(q)
-            head = self.format_assistant.head.rstrip()
+            text += self.format_user.apply(self.place_images(q))
+            head = self.format_assistant.head.rstrip() if self.strip_head else self.format_assistant.head
             if a is None: return text + head, spans
             start = len(text) + len(head)
             text += self.format_assistant.apply(a)
@@ -146,6 +153,34 @@ class Qwen2BaseTemplate(Template):
 class Qwen2InstructTemplate(Template):
     format_assistant: Formatter = Formatter("ASSISTANT: {{content}}<|im_end|>")
 
+# 2024-25 chat formats: the assistant header ends in a newline the prompt keeps
+@register_template('chatml')
+@dataclass
+class ChatMLTemplate(Template):
+    "ChatML: Qwen2.5-Instruct, Qwen3, SmolLM2."
+    format_user: Formatter = Formatter("<|im_start|>user\n{{content}}<|im_end|>\n")
+    format_assistant: Formatter = Formatter("<|im_start|>assistant\n{{content}}<|im_end|>\n")
+    system: Formatter = Formatter(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")
+    strip_head: bool = False
+
+@register_template('llama3')
+@dataclass
+class Llama3Template(Template):
+    "Llama 3.x: role headers, `<|eot_id|>` ends a turn (the tokenizer adds `<|begin_of_text|>`)."
+    format_user: Formatter = Formatter("<|start_header_id|>user<|end_header_id|>\n\n{{content}}<|eot_id|>")
+    format_assistant: Formatter = Formatter("<|start_header_id|>assistant<|end_header_id|>\n\n{{content}}<|eot_id|>")
+    system: Formatter = Formatter(f"<|start_header_id|>system<|end_header_id|>\n\n{SYSTEM}<|eot_id|>")
+    strip_head: bool = False
+
+@register_template('phi3')
+@dataclass
+class Phi3Template(Template):
+    "Phi-3, Phi-3.5 and Phi-4-mini."
+    format_user: Formatter = Formatter("<|user|>\n{{content}}<|end|>\n")
+    format_assistant: Formatter = Formatter("<|assistant|>\n{{content}}<|end|>\n")
+    system: Formatter = Formatter(f"<|system|>\n{SYSTEM}<|end|>\n")
+    strip_head: bool = False
+
 # %% ../../nbs/10_data.template.ipynb #77f11e21
 def _chunks(text: str, cuts: set) -> list:
     "(start, piece) for the pieces of `text` between `<image>` tokens and `cuts`; (None, None) for each image."
@@ -186,6 +221,10 @@ def _first_token(enc, q: int, length: int) -> tuple:
     return t, False
 
 # %% ../../nbs/10_data.template.ipynb #4439e534
+def added_prefix(tokenizer) -> list:
+    "The ids `tokenizer` puts before any text: its BOS, if it adds one."
+    return tokenizer.backend_tokenizer.encode("").ids if getattr(tokenizer, 'is_fast', False) else tokenizer("").input_ids
+
 def tokenize_spans(text: str,            # the rendered prompt
                    spans: list,          # (start, end) character spans whose tokens are trained
                    tokenizer,            # a Hugging Face tokenizer
@@ -194,7 +233,7 @@ def tokenize_spans(text: str,            # the rendered prompt
     fast = getattr(tokenizer, 'is_fast', False)
     bounds = [b for s in spans for b in s]
     cuts = set() if fast else set(bounds)                                 # no offsets: cut at every boundary
-    prefix = tokenizer.backend_tokenizer.encode("").ids if fast else tokenizer("").input_ids   # the BOS it adds
+    prefix = added_prefix(tokenizer)
     while True:
         ids, where = _encode_pieces(_chunks(text, cuts), tokenizer, prefix)
         starts, firsts, straddled = [w[0] for w in where], [], set()
@@ -212,15 +251,29 @@ def tokenize_spans(text: str,            # the rendered prompt
     return torch.from_numpy(ids), torch.from_numpy(labels)
 
 # %% ../../nbs/10_data.template.ipynb #b9f48997
+def expand_images(text: str, spans: list, image_texts: list) -> tuple:
+    "(text, spans) with the k-th `<image>` replaced by `image_texts[k]` (e.g. tiles with position text between them)."
+    places = [m.start() for m in re.finditer(re.escape(DEFAULT_IMAGE_TOKEN), text)]
+    if len(places) != len(image_texts):
+        raise SampleError("image count mismatch", f"{len(places)} <image> in the prompt but {len(image_texts)} "
+                                                  "image texts")
+    growth = [len(t) - len(DEFAULT_IMAGE_TOKEN) for t in image_texts]
+    move = lambda c: c + sum(g for p, g in zip(places, growth) if p < c)
+    pieces = text.split(DEFAULT_IMAGE_TOKEN)
+    text = pieces[0] + ''.join(t + p for t, p in zip(image_texts, pieces[1:]))
+    return text, [(move(s), move(e)) for s, e in spans]
+
 @patch
 def encode(self: Template,
-            messages: list,        # LLaVA turns: [{'from': 'human'|'gpt', 'value': str}, ...]
-            tokenizer,             # a Hugging Face tokenizer
-            mode: str = 'train',   # 'train' -> input_ids + labels; 'infer' -> prompt ids for the last answer
+            messages: list,           # LLaVA turns: [{'from': 'human'|'gpt', 'value': str}, ...]
+            tokenizer,                # a Hugging Face tokenizer
+            mode: str = 'train',      # 'train' -> input_ids + labels; 'infer' -> prompt ids for the last answer
+            image_texts: list = None, # one text per `<image>`, put in its place (never trained)
            ) -> dict:
     "Encode a conversation in one tokenization; labels are exactly the answers and their end-of-turn tokens."
     questions, answers = split_turns(messages, mode)
-    text, spans = self.render(questions, answers)
+    text, spans = self.render(questions, answers, tokenizer)
+    if image_texts is not None: text, spans = expand_images(text, spans, image_texts)
     input_ids, labels = tokenize_spans(text, spans, tokenizer)
     if mode == 'infer': return dict(input_ids=input_ids, prompt=text)
     return dict(input_ids=input_ids, labels=labels)
@@ -270,11 +323,95 @@ def trained_runs(labels: torch.Tensor) -> list:
         elif cur: runs.append(cur); cur = []
     return runs + ([cur] if cur else [])
 
+# %% ../../nbs/10_data.template.ipynb #487351c0
+_MARKER = re.compile(r'<\|[^|<>\s]+\|>|</?[a-z_]+>')            # <|im_end|>, </s>, <eos>, <end_of_turn>, ...
+
+def _has_token(tokenizer, text: str) -> bool:
+    "Is `text` one token of `tokenizer` (not mapped to its unknown token)?"
+    i = tokenizer.convert_tokens_to_ids(text)
+    return i is not None and (i != tokenizer.unk_token_id or text == tokenizer.unk_token)
+
+def check_pairing(template: Template, tokenizer) -> None:
+    "Raise if `template` ends an answer with a marker (`<|im_end|>`, `</s>`, ...) that is not one token of `tokenizer`."
+    if isinstance(template, ChatTemplate): return template.check(tokenizer)
+    for marker in _MARKER.findall(template.format_assistant.tail or ''):
+        if not _has_token(tokenizer, marker):
+            who = type(tokenizer).__name__ + (f" of {tokenizer.name_or_path}" if tokenizer.name_or_path else '')
+            raise ValueError(f"the {type(template).__name__} ends each answer with {marker!r}, which the tokenizer "
+                             f"({who}) does not have as a token: the model would learn to spell it out and could "
+                             "not stop on it. Use the template of the LLM's family (its default), or "
+                             "'chat_template' for the tokenizer's own format")
+
+# %% ../../nbs/10_data.template.ipynb #88c0f5db
+_STAND_IN = re.compile('\ue000(\\d+)\ue001')                       # where answer k goes, while rendering
+
+def _trims(text: str) -> list:
+    "`text` and every version of it with some of its leading or trailing whitespace removed, longest first."
+    lead, trail = len(text) - len(text.lstrip()), len(text) - len(text.rstrip())
+    found = {text[a:len(text) - b] for a in range(lead + 1) for b in range(trail + 1) if a + b <= len(text)}
+    return sorted(found, key=lambda t: (-len(t), t))
+
+def _token_boundary(text: str, k: int, tokenizer) -> int:
+    "The largest cut at or before `k` that is not inside one of the tokenizer's added tokens (`<|endoftext|>`)."
+    for token in tokenizer.get_added_vocab():
+        for m in re.finditer(re.escape(token), text[:k + len(token)]):
+            if m.start() < k < m.end(): k = m.start()
+    return k
+
+# %% ../../nbs/10_data.template.ipynb #a2407dea
+@register_template('chat_template')
+@dataclass
+class ChatTemplate(Template):
+    "The tokenizer's own Jinja `chat_template`: answers found by rendering stand-ins in their place."
+    system: Formatter = Formatter("")      # a system message; empty: none (the template may add its default)
+    strip_head: bool = False
+
+    def check(self, tokenizer) -> None:
+        if not getattr(tokenizer, 'chat_template', None):
+            raise ValueError(f"the 'chat_template' template renders the tokenizer's own chat template, and this "
+                             f"tokenizer ({type(tokenizer).__name__}) has none: choose a template by name")
+
+    def _render(self, questions: list, answers: list, tokenizer) -> str:
+        "The Jinja template's text (without the BOS text when the tokenizer adds BOS itself)."
+        msgs = [dict(role='system', content=self.system.apply())] if self.system.slot else []
+        for q, a in zip(questions, answers):
+            msgs += [dict(role='user', content=self.place_images(q)), dict(role='assistant', content=a)]
+        try: text = tokenizer.apply_chat_template(msgs, tokenize=False)
+        except Exception as e: raise SampleError("chat template", f"the tokenizer's chat template refused: {e}") from None
+        bos = tokenizer.bos_token
+        return text[len(bos):] if bos and added_prefix(tokenizer) and text.startswith(bos) else text
+
+    def render(self, questions: list, answers: list, tokenizer=None) -> tuple:
+        "The prompt string and the (start, end) character span of each answer that is trained."
+        self.check(tokenizer)
+        stand_ins = [f"\ue000{k}\ue001" for k in range(len(answers))]
+        parts = _STAND_IN.split(self._render(questions, stand_ins, tokenizer))
+        if parts[1::2] != [str(k) for k in range(len(answers))]:
+            raise SampleError("chat template", "the chat template does not write each answer once, in order")
+        pieces, ends = parts[0::2], parts[-1]                          # template text around the answers; after the last
+        real = [s if a is None else a for a, s in zip(answers, stand_ins)]   # 'infer': the last answer stays a stand-in
+        text, pos, spans = self._render(questions, real, tokenizer), 0, []
+        for k, answer in enumerate(real):
+            if not text.startswith(pieces[k], pos): break
+            pos += len(pieces[k])
+            after, last = pieces[k + 1], k + 1 == len(real)
+            fits = lambda r: text.startswith(r, pos) and (text[pos + len(r):] == after if last
+                                                          else text.startswith(after, pos + len(r)))
+            shown = next((r for r in _trims(answer) if fits(r)), None)
+            if shown is None: break
+            if answers[k] is None: return text[:pos], spans
+            eot = len(after) if last else _token_boundary(ends, len(os.path.commonprefix([after, ends])), tokenizer)
+            spans.append((pos, pos + len(shown) + eot))
+            pos += len(shown)
+        else: return text, spans
+        raise SampleError("chat template", f"answer {k} is not where the chat template puts answers: the template "
+                                           "changes the text around it depending on the answer")
+
 # %% ../../nbs/10_data.template.ipynb #f39c7108
 import random
 
 _WORDS = ("red green blue circle square star yes no two left of the ü 漢字 ☃ é 🙂 ASSISTANT: USER: </s> "
-          "<|endoftext|> <|im_end|> <eos> \n : . ,").split(' ')
+          "<|endoftext|> <|im_end|> <eos> <|eot_id|> <|end|> <end_of_turn> <|im_start|>assistant \n : . ,").split(' ')
 
 def random_conversation(rng: random.Random) -> list:
     "A random LLaVA conversation for fuzzing templates: 1-3 rounds, maybe an image, awkward answers."
@@ -282,18 +419,23 @@ def random_conversation(rng: random.Random) -> list:
     conv = []
     for r in range(rng.randint(1, 3)):
         q = text(1)
-        if r == 0 and rng.random() < 0.6: q = rng.choice(['<image>\n' + q, q + ' <image>', '<image>'])
+        if r == 0 and rng.random() < 0.6:
+            q = rng.choice(['<image>\n' + q, q + ' <image>', '<image>', f'<image>{q}\n<image>'])
         conv += [{'from': 'human', 'value': q}, {'from': 'gpt', 'value': text(0)}]
     return conv
 
 def check_encoding(template: Template, messages: list, tokenizer) -> None:
     "Assert the label guarantees for one conversation (see above); raises AssertionError naming the failure."
     enc = template.encode(messages, tokenizer)
-    _, answers = split_turns(messages)
-    eot = template.format_assistant.tail
+    questions, answers = split_turns(messages)
     decode = lambda ids: tokenizer.decode(ids, clean_up_tokenization_spaces=False).lstrip()
     got = [decode(r) for r in trained_runs(enc['labels'])]
-    want = [decode(tokenizer(a + eot, add_special_tokens=False).input_ids) for a in answers]
+    if isinstance(template, ChatTemplate):                    # the answer as its template shows it, then its end
+        text, spans = template.render(questions, answers, tokenizer)
+        trained = [text[s:e] for s, e in spans]
+        assert all(a.strip() in t for a, t in zip(answers, trained)), f"{trained} do not hold the answers {answers}"
+    else: trained = [a + template.format_assistant.tail for a in answers]
+    want = [decode(tokenizer(t, add_special_tokens=False).input_ids) for t in trained]
     assert got == want, f"trained tokens decode to {got}, expected {want}"
     assert (enc['labels'] != IGNORE_INDEX).any(), "fully masked"
     inf = template.encode(messages, tokenizer, mode='infer')['input_ids']
@@ -302,13 +444,15 @@ def check_encoding(template: Template, messages: list, tokenizer) -> None:
 
 # %% ../../nbs/10_data.template.ipynb #63d74e08
 def fuzz_templates(n: int = 1000, seed: int = 0, families=None, names=None) -> int:
-    "Run `check_encoding` on `n` random conversations for every template x toy tokenizer; return the count."
+    ("Run `check_encoding` on `n` random conversations for every template x toy tokenizer (`chat_template`: those "
+     "with a chat template); return the count.")
     from tinyllava_nb.toy import toy_tokenizer, toy_tokenizers
     toks = [(f, toy_tokenizer(f)) for f in (families or toy_tokenizers)]
     if 'llama' in (families or toy_tokenizers): toks.append(('llama-legacy', toy_tokenizer('llama', legacy=True)))
     rng, count = random.Random(seed), 0
     for name in names or templates:
         for fam, tok in toks:
+            if name == 'chat_template' and not tok.chat_template: continue
             for _ in range(n):
                 conv = random_conversation(rng)
                 if name == 'pretrain': conv = conv[:2]

@@ -16,7 +16,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ..registry import Registry
-from ..toy import toy_family, toy_tokenizer
+from ..toy import toy_family, toy_llm_configs, toy_model_type, toy_tokenizer
 
 # %% ../../nbs/20_model.llm.ipynb #75718ec1
 def _refuse_remote_code(what: str):
@@ -32,6 +32,12 @@ class LLMFamily:
     template: str             # the chat template TinyLLaVA Factory's scripts use with this family
     post_load: Callable       # post_load(tokenizer) -> tokenizer: the pad-token rule
     scales_inputs_embeds: bool = False   # transformers 4.40 multiplied all `inputs_embeds` by sqrt(hidden_size) (Gemma)
+    by_token: tuple = ()      # ((token, template), ...): a tokenizer that has `token` is a chat model of that format
+
+    def template_for(self, tokenizer=None) -> str:
+        "The default chat template for `tokenizer`: the first `by_token` whose token it has, else `template`."
+        vocab = tokenizer.get_vocab() if tokenizer is not None and self.by_token else {}
+        return next((t for token, t in self.by_token if token in vocab), self.template)
 
     @property
     def remote_code(self) -> bool: return not self.model_class
@@ -56,18 +62,26 @@ def register_llm(name: str,             # the family name: also the `model_type`
                  model_class: str,      # causal-LM class in transformers ('' for remote code)
                  template: str,         # default chat template
                  scales_inputs_embeds: bool = False,  # see `LLMFamily`
+                 by_token: tuple = (),  # see `LLMFamily`
                 ) -> Callable:
     "Decorator: register the tokenizer rule it decorates as LLM family `name`."
     def deco(post_load):
-        llms.register(name, LLMFamily(name, model_class, template, post_load, scales_inputs_embeds))
+        llms.register(name, LLMFamily(name, model_class, template, post_load, scales_inputs_embeds, by_token))
         return post_load
     return deco
 
 
 # %% ../../nbs/20_model.llm.ipynb #c7edf1c3
-@register_llm('llama', 'LlamaForCausalLM', template='llama')        # TinyLlama
 def _pad_is_unk(tok):
     tok.pad_token = tok.unk_token
+    return tok
+
+@register_llm('llama', 'LlamaForCausalLM', template='llama',    # TinyLlama; Llama 3.x and SmolLM2 by their tokens
+              by_token=(('<|eot_id|>', 'llama3'), ('<|im_start|>', 'chatml')))
+def _llama_pad(tok):
+    "TinyLLaVA Factory's `unk`; a tokenizer without one (Llama 3) pads with its reserved pad token, else `eos`."
+    pad = '<|finetune_right_pad_id|>'
+    tok.pad_token = tok.unk_token or (pad if pad in tok.get_vocab() else None) or tok.pad_token or tok.eos_token
     return tok
 
 register_llm('phi', 'PhiForCausalLM', 'phi')(_pad_is_unk)
@@ -82,6 +96,11 @@ def _unk_is_pad(tok):
 @register_llm('stablelm', 'StableLmForCausalLM', template='phi')
 def _unchanged(tok): return tok
 
+# 2024-25 families: their tokenizers have a pad token of their own
+register_llm('qwen3', 'Qwen3ForCausalLM', 'chatml')(_unchanged)
+register_llm('gemma2', 'Gemma2ForCausalLM', 'gemma')(_unchanged)
+register_llm('gemma3_text', 'Gemma3ForCausalLM', 'gemma')(_unchanged)
+register_llm('phi3', 'Phi3ForCausalLM', 'phi3')(_unchanged)
 
 # %% ../../nbs/20_model.llm.ipynb #a1c4ea86
 def read_config_json(path) -> dict:
@@ -101,9 +120,10 @@ def read_config(name_or_path: str, trust_remote_code: bool = False) -> transform
     return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
 
 def llm_family(spec, trust_remote_code: bool = False) -> LLMFamily:
-    "The LLM family of a family name, a config, or a model directory / hub name (by its `model_type`)."
+    "The LLM family of a family name, a toy LLM name, a config, or a model directory / hub name (by its `model_type`)."
     if isinstance(spec, transformers.PretrainedConfig): return llms[spec.model_type]
     if spec in llms: return llms[spec]
+    if spec in toy_llm_configs: return llms[toy_model_type(spec)]     # 'llama3' -> 'llama' 
     try: model_type = read_config(spec, trust_remote_code).model_type
     except (OSError, ValueError) as e:
         raise ValueError(f"{spec!r} is neither a registered LLM family ({', '.join(llms.names())}) "
