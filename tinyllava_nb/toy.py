@@ -64,7 +64,8 @@ _LLAMA3 = ("{%- for m in messages %}{%- if loop.first %}{{- bos_token }}{%- endi
            "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
            "{%- endif %}")
 _GEMMA = ("{{- bos_token }}{%- for m in loop_messages %}{%- set role = 'model' if m.role == 'assistant' else m.role %}"
-          "{{- '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') + m.content | trim + '<end_of_turn>\n' }}"
+          "{{- '<start_of_turn>' + role + '\n' + (prefix if loop.first else '') }}"
+          "{{- m.content | trim + '<end_of_turn>\n' }}"
           "{%- endfor %}{%- if add_generation_prompt %}{{- '<start_of_turn>model\n' }}{%- endif %}")
 _PHI3 = ("{%- for m in messages %}{{- '<|' + m.role + '|>\n' + m.content + '<|end|>\n' }}{%- endfor %}"
          "{%- if add_generation_prompt %}{{- '<|assistant|>\n' }}{%- else %}{{- eos_token }}{%- endif %}")
@@ -162,7 +163,7 @@ def toy_tokenizer(family: str,              # a registered toy family (`toy_toke
     if family == 'llama': kwargs['legacy'] = legacy
     cls = getattr(transformers, spec.cls_name)
     tok = cls(vocab=json.loads(vocab), merges=list(merges), model_max_length=model_max_length, **kwargs)
-    if 'legacy' in kwargs: tok.init_kwargs['legacy'] = kwargs['legacy']   # transformers does not save `legacy` otherwise
+    if 'legacy' in kwargs: tok.init_kwargs['legacy'] = kwargs['legacy']   # transformers does not save it otherwise
     if spec.chat_template: tok.chat_template = CHAT_TEMPLATES[spec.chat_template]
     return tok
 
@@ -207,7 +208,7 @@ def toy_llm_config(family: str,                  # a registered toy LLM (`toy_ll
                num_key_value_heads=num_attention_heads, max_position_embeddings=tok.model_max_length,
                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                tie_word_embeddings=False)
-    if family in ('gemma', 'gemma2', 'gemma3', 'qwen3'): cfg['head_dim'] = hidden_size // num_attention_heads  # not derived
+    if family in ('gemma', 'gemma2', 'gemma3', 'qwen3'): cfg['head_dim'] = hidden_size // num_attention_heads  # fixed
     return getattr(transformers, toy_llm_configs[family])(**{**cfg, **kwargs})
 
 # %% ../nbs/01_toy.ipynb #7fbf0cd9
@@ -228,7 +229,8 @@ toy_vision.register('siglip2', ToyVisionSpec('Siglip2VisionConfig', 'Siglip2Imag
 def toy_vision_config(family: str, image_size: int = 32, patch_size: int = 8, hidden_size: int = 32,
                       num_hidden_layers: int = 2, num_attention_heads: int = 2, **kwargs):
     "A tiny config of the vision `family`'s real config class (NaFlex: as many patches as an `image_size` square)."
-    size = dict(num_patches=(image_size // patch_size) ** 2) if toy_vision[family].naflex else dict(image_size=image_size)
+    naflex = toy_vision[family].naflex
+    size = dict(num_patches=(image_size // patch_size) ** 2) if naflex else dict(image_size=image_size)
     cfg = dict(patch_size=patch_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads, **size)
     return getattr(transformers, toy_vision[family].config)(**{**cfg, **kwargs})

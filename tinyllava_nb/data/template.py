@@ -223,7 +223,8 @@ def _first_token(enc, q: int, length: int) -> tuple:
 # %% ../../nbs/10_data.template.ipynb #4439e534
 def added_prefix(tokenizer) -> list:
     "The ids `tokenizer` puts before any text: its BOS, if it adds one."
-    return tokenizer.backend_tokenizer.encode("").ids if getattr(tokenizer, 'is_fast', False) else tokenizer("").input_ids
+    if getattr(tokenizer, 'is_fast', False): return tokenizer.backend_tokenizer.encode("").ids
+    return tokenizer("").input_ids
 
 def tokenize_spans(text: str,            # the rendered prompt
                    spans: list,          # (start, end) character spans whose tokens are trained
@@ -377,7 +378,8 @@ class ChatTemplate(Template):
         for q, a in zip(questions, answers):
             msgs += [dict(role='user', content=self.place_images(q)), dict(role='assistant', content=a)]
         try: text = tokenizer.apply_chat_template(msgs, tokenize=False)
-        except Exception as e: raise SampleError("chat template", f"the tokenizer's chat template refused: {e}") from None
+        except Exception as e:
+            raise SampleError("chat template", f"the tokenizer's chat template refused: {e}") from None
         bos = tokenizer.bos_token
         return text[len(bos):] if bos and added_prefix(tokenizer) and text.startswith(bos) else text
 
@@ -388,7 +390,7 @@ class ChatTemplate(Template):
         parts = _STAND_IN.split(self._render(questions, stand_ins, tokenizer))
         if parts[1::2] != [str(k) for k in range(len(answers))]:
             raise SampleError("chat template", "the chat template does not write each answer once, in order")
-        pieces, ends = parts[0::2], parts[-1]                          # template text around the answers; after the last
+        pieces, ends = parts[0::2], parts[-1]            # the template's text around the answers; after the last
         real = [s if a is None else a for a, s in zip(answers, stand_ins)]   # 'infer': the last answer stays a stand-in
         text, pos, spans = self._render(questions, real, tokenizer), 0, []
         for k, answer in enumerate(real):
