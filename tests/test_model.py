@@ -120,7 +120,7 @@ def test_image_count_mismatch_is_clear():
         model(**{**batch, 'images': None})
 
 def test_unknown_parts_are_clear():
-    with pytest.raises(KeyError, match="registered: identity, linear, mlp, mof_mlp, qformer, resampler"):
+    with pytest.raises(KeyError, match="registered: avgpool, identity, linear, mlp, mof_mlp, pixel_shuffle, qformer, resampler"):
         toy_tinyllava(connector='mlp2x_swish')
 
 @pytest.mark.parametrize('llm', FAMILIES)
