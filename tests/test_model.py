@@ -7,10 +7,11 @@ transformers.utils.logging.disable_progress_bar()
 from tinyllava_nb.data.template import IGNORE_INDEX, IMAGE_TOKEN_INDEX as I
 from tinyllava_nb.model.tinyllava import TinyLlavaForConditionalGeneration, merge_image_features, toy_tinyllava
 
-FAMILIES = ['llama', 'phi', 'gemma', 'qwen2', 'stablelm']
+NEW_LLMS = ['qwen3', 'llama3', 'smollm2', 'gemma2', 'gemma3', 'phi3']     # the 2024-25 families' toy versions
+FAMILIES = ['llama', 'phi', 'gemma', 'qwen2', 'stablelm'] + NEW_LLMS
 COMBOS = [(t, c) for t in ['clip', 'siglip', 'dinov2'] for c in ['identity', 'linear', 'mlp2x_gelu', 'qformer', 'resampler']]
 COMBOS += [('mof', 'mof_mlp'), ('siglip', 'mlp3x_relu')]
-MATRIX = [(FAMILIES[i % len(FAMILIES)], t, c) for i, (t, c) in enumerate(COMBOS)]   # each family 3-4 times
+MATRIX = [(FAMILIES[i % len(FAMILIES)], t, c) for i, (t, c) in enumerate(COMBOS)]   # each family 1-2 times
 
 def batch_for(model, tok, n_images=(1, 0, 2), pad_left=False):
     "A batch with image samples and a text-only one: ids, mask, labels, images."
@@ -146,3 +147,32 @@ def test_packed_batch_equals_separate_samples(llm):
     for a, b in zip(gp, gk): torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match='first token'):
         DataCollatorForSupervisedDataset(tok, packing=True)([dict(input_ids=torch.tensor([5, 6]), labels=torch.tensor([5, 6]))])
+
+
+@pytest.mark.parametrize('llm', FAMILIES)
+def test_greedy_batch_of_16_equals_one_at_a_time(llm):
+    "16 prompts of different lengths and image counts, left padded in one batch: each row generates what it does alone."
+    model, tok, _ = toy_tinyllava(llm, 'siglip', 'mlp2x_gelu', seed=2)
+    model.eval()
+    rng, size = random.Random(0), model.config.vision_config.image_size
+    prompts = [[rng.randrange(10, 60) for _ in range(rng.randint(1, 9))] + [I] * (k % 3) + [rng.randrange(10, 60)]
+               for k in range(16)]
+    images = [torch.randn(p.count(I), 3, size, size) for p in prompts]
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    alone = [model.generate(torch.tensor([p]), images=im if len(im) else None, **kw)[0] for p, im in zip(prompts, images)]
+    width = max(map(len, prompts))
+    ids = torch.full((16, width), tok.pad_token_id); mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts): ids[r, width - len(p):] = torch.tensor(p); mask[r, width - len(p):] = 1
+    batch = model.generate(ids, images=torch.cat(images), attention_mask=mask, **kw)
+    for r in range(16): assert torch.equal(batch[r], alone[r]), (llm, r)
+
+@pytest.mark.parametrize('llm', NEW_LLMS)
+def test_lora_on_the_llm(llm):
+    "LoRA on every linear layer of the new LLMs (fused ones too: Phi-3's qkv_proj): only adapters and the connector train."
+    from tinyllava_nb.train.recipe import Recipe, apply_recipe
+    model, tok, _ = toy_tinyllava(llm, 'siglip', 'mlp2x_gelu')
+    model, _ = apply_recipe(model, Recipe(llm='lora', connector='full', lora_r=4, lora_alpha=8), verbose=False)
+    model(**batch_for(model, tok)).loss.backward()
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any('lora_' in n for n in trained) and all('lora_' in n or '.connector.' in n for n in trained)
+    assert all(p.grad is not None for n, p in trained.items() if 'lora_B' in n)

@@ -18,9 +18,9 @@ from torch import nn
 from .eval.run import run_benchmark
 from .eval.score import read_jsonl, score_gqa, score_mme, score_pope
 from .model.connector import connector_name, connectors
-from .model.llm import llms
+from .model.llm import llm_family
 from .model.tinyllava import load_pretrained, save_pretrained_all, toy_tinyllava
-from .toy import toy_tokenizers, toy_vision
+from .toy import toy_tokenizer, toy_tokenizers, toy_vision
 from .train.run import LossPrinter, main as train_main
 from .world import CHANCE, COLOURS, SHAPES, Thing, make_world, patch_labels
 
@@ -161,7 +161,8 @@ def _demo_stages_1_2(out: Path, world: dict, llm: str, b: Budget, seed: int) -> 
     "Stage 1 on the captions (`out/init` to `out/pretrain`), stage 2 on the questions (to `out/model`); their seconds."
     t1 = _stage('stage 1: pretrain on captions', out / 'init', world['pretrain'], 'pretrain', b.pretrain_steps,
                 out / 'pretrain', world['root'], b, seed)
-    t2 = _stage('stage 2: finetune on questions', out / 'pretrain', world['finetune'], llms[llm].template,
+    t2 = _stage('stage 2: finetune on questions', out / 'pretrain', world['finetune'],
+                llm_family(llm).template_for(toy_tokenizer(llm)),
                 b.finetune_steps, out / 'model', world['root'], b, seed, b.vision_finetune_lr)
     return t1, t2
 

@@ -184,7 +184,7 @@ def toy_tokenizer_table(text: str = "USER: Is it red? ASSISTANT: Yes ü") -> str
     return '\n'.join(rows)
 
 # %% ../nbs/01_toy.ipynb #0a08e5d0
-toy_llm_configs = Registry('toy LLM config family')
+toy_llm_configs = Registry('toy LLM')
 for _name, _cls in dict(llama='LlamaConfig', gemma='GemmaConfig', phi='PhiConfig', qwen2='Qwen2Config',
                         stablelm='StableLmConfig', qwen3='Qwen3Config', llama3='LlamaConfig', smollm2='LlamaConfig',
                         gemma2='Gemma2Config', gemma3='Gemma3TextConfig', phi3='Phi3Config').items():

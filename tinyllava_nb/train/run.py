@@ -21,13 +21,13 @@ from transformers import AutoImageProcessor, BitsAndBytesConfig, HfArgumentParse
 
 from ..data.dataset import DataCollatorForSupervisedDataset, LazySupervisedDataset
 from ..data.image import ImagePreprocess
-from ..data.template import templates
+from ..data.template import TemplateFactory, check_pairing, templates
 from ..model.connector import connector_name, connectors
-from ..model.llm import llm_family, llms, load_tokenizer, read_config, save_tokenizer
+from ..model.llm import llm_family, load_tokenizer, read_config, save_tokenizer
 from ..model.tinyllava import (TinyLlavaConfig, TinyLlavaForConditionalGeneration, load_pretrained,
                                           save_pretrained_all)
 from ..model.vision import split_vision_path, vision_config_of, vision_towers
-from ..toy import toy_family
+from ..toy import toy_family, toy_llm_configs
 from .recipe import Recipe, apply_recipe, format_table
 from .trainer import STAGING, TinyLlavaTrainer, TrainingArguments, checkpoints, is_complete
 
@@ -100,7 +100,7 @@ def check_args(m: ModelArguments, d: DataArguments, t: TrainingArguments) -> Rec
     # unknown names: each lookup raises an error listing the registered names
     if d.conv_version: templates[d.conv_version]
     connectors[connector_name(m.connector_type)]
-    if toy_family(m.model_name_or_path): llms[toy_family(m.model_name_or_path)]
+    if toy_family(m.model_name_or_path): toy_llm_configs[toy_family(m.model_name_or_path)]
     if toy_family(m.vision_tower): vision_towers[toy_family(m.vision_tower)]
     prefix, _ = split_vision_path(m.vision_tower)
     if prefix == 'mof' and not m.vision_tower2:
@@ -327,7 +327,8 @@ def _stage(m: ModelArguments, d: DataArguments, t: TrainingArguments, recipe: Re
         setattr(model.config, k, getattr(t, k))
     model, table = apply_recipe(model, recipe, verbose=False)
     if t.process_index == 0: print(format_table(table))
-    template = d.conv_version or llm_family(model.config.text_config).template
+    template = d.conv_version or llm_family(model.config.text_config).template_for(tok)
+    check_pairing(TemplateFactory(template)(), tok)
     base_model = model.get_base_model() if hasattr(model, 'get_base_model') else model
     data = LazySupervisedDataset(d.data_path, tok, template, d.image_folder,
                                  ImagePreprocess(proc, d.image_aspect_ratio, d.image_grid_pinpoints),
