@@ -41,6 +41,7 @@ def test_cli_pretrain_then_finetune(data, tmp_path):
     ls = losses(tmp_path / 'fin')
     assert sum(ls[-4:]) / 4 < sum(ls[:4]) / 4 * 0.8, ls
     model, tok, proc = load_pretrained(tmp_path / 'fin')
+    assert model.config.conv_version == 'phi'                  # the template it was trained with, saved with it
     from PIL import Image
     from tinyllava_nb.data.image import ImagePreprocess
     from tinyllava_nb.data.template import TemplateFactory
@@ -116,6 +117,7 @@ def test_lora_save_load_merge(data, tmp_path):
     live = trainer.model.eval()
     unmerged, tok, _ = load_pretrained(tmp_path / 'lora', merge_lora=False)
     merged, _, _ = load_pretrained(tmp_path / 'lora')
+    assert merged.config.conv_version == 'phi'
     b = fixed_batch(merged, tok, data)
     with torch.no_grad():
         want = live(**b).logits

@@ -319,6 +319,9 @@ def _report_skipped(data, t: TrainingArguments, gather: bool = False):
 def _stage(m: ModelArguments, d: DataArguments, t: TrainingArguments, recipe: Recipe, resume: str, callbacks: list):
     "Build, train from `resume` (a checkpoint or None) and save one stage."
     model, tok, proc = build_model(m, t)
+    template = d.conv_version or llm_family(model.config.text_config).template_for(tok)
+    check_pairing(TemplateFactory(template)(), tok)
+    model.config.conv_version = template                    # saved with the model: inference uses the same template
     base_dir = None
     if recipe.uses_lora() and not t.pretrained_model_path:
         base_dir = Path(t.output_dir) / 'base'
@@ -327,8 +330,6 @@ def _stage(m: ModelArguments, d: DataArguments, t: TrainingArguments, recipe: Re
         setattr(model.config, k, getattr(t, k))
     model, table = apply_recipe(model, recipe, verbose=False)
     if t.process_index == 0: print(format_table(table))
-    template = d.conv_version or llm_family(model.config.text_config).template_for(tok)
-    check_pairing(TemplateFactory(template)(), tok)
     base_model = model.get_base_model() if hasattr(model, 'get_base_model') else model
     data = LazySupervisedDataset(d.data_path, tok, template, d.image_folder,
                                  ImagePreprocess(proc, d.image_aspect_ratio, d.image_grid_pinpoints),
