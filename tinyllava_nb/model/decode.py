@@ -61,7 +61,7 @@ def decode(self: TinyLlavaForConditionalGeneration, input_ids, images=None, atte
            pad_token_id=None,   # written after a row's end; default: the model's config, else the first eos
            streamer=None) -> torch.Tensor:
     "Greedy or sampled new tokens [B, n], equal to `generate`'s, from a KV-cache loop over the LLM's forward."
-    x = self.prepare_inputs(input_ids, attention_mask, None, images)
+    x = self.prepare_inputs(input_ids, attention_mask, None, images, left=True)
     embeds, mask = x['inputs_embeds'], x['attention_mask']
     check_context(self, embeds.shape[1], max_new_tokens)
     eos = listify(eos_token_id if eos_token_id is not None else self.language_model.generation_config.eos_token_id)

@@ -105,12 +105,12 @@ def _slot_sizes(input_ids, attention_mask, sizes) -> tuple:
     return mask, is_img, size
 
 # %% ../../nbs/23_model.tinyllava.ipynb #60f54e10
-def _merged_starts(size, mask) -> tuple:
+def _merged_starts(size, mask, left: bool = None) -> tuple:
     "(starts [B, T], lengths [B], width T', shift [B], left): each token's first column in its merged row."
     starts = size.cumsum(1) - size
     lengths = size.sum(1)
     width = int(lengths.max())
-    left = bool((~mask[:, 0]).any() and mask[:, -1].all())
+    if left is None: left = bool((~mask[:, 0]).any() and mask[:, -1].all())    # padded on the left: a prompt batch
     shift = (width - lengths) if left else torch.zeros_like(lengths)
     return starts + shift[:, None], lengths, width, shift, left
 
@@ -168,12 +168,13 @@ def merge_image_features(input_ids: torch.Tensor,        # [B, T], -200 at image
                          embed_tokens: nn.Module,        # the LLM's input embedding
                          max_length: int = None,         # cut merged rows to this length (right padding only)
                          position_ids: torch.Tensor = None,  # packed rows (no mask): 0 where each sample starts
+                         left: bool = None,              # align merged rows on the right (prompts); None: as the mask
                         ) -> tuple:
     "(inputs_embeds [B, T', D], attention_mask, position_ids, labels) with each image's vectors at its -200 slot."
     B, T = input_ids.shape
     restarts = position_ids == 0 if attention_mask is None and position_ids is not None else None   # packed rows
     mask, is_img, size = _slot_sizes(input_ids, attention_mask, sizes)                               # 1. sizes
-    starts, lengths, width, shift, left = _merged_starts(size, mask)                                 # 2. starts
+    starts, lengths, width, shift, left = _merged_starts(size, mask, left)                                 # 2. starts
     embeds = features.new_zeros(B * width, features.shape[-1])                 # 3. scatter into the flattened rows
     text_b, text_t = (mask & ~is_img).nonzero(as_tuple=True)
     embeds[text_b * width + starts[text_b, text_t]] = embed_tokens(input_ids[text_b, text_t]).to(features.dtype)
@@ -222,32 +223,43 @@ class TinyLlavaForConditionalGeneration(TinyLlavaPreTrainedModel, GenerationMixi
 
     @property
     def num_image_tokens(self) -> int:
-        "Vectors one (non-anyres) image becomes in the LLM."
-        return self.connector.num_tokens(self.vision_tower.num_tokens(self.config.vision_feature_select_strategy))
+        "Vectors one (non-anyres) image becomes in the LLM; NaFlex: the most any grid within the patch budget gives."
+        n = self.vision_tower.num_tokens(self.config.vision_feature_select_strategy)
+        if not self.vision_tower.naflex: return self.connector.num_tokens(n)
+        return max(self.connector.grid_tokens(h, n // h) for h in range(1, n + 1))     # e.g. a 1 x n strip
 
 # %% ../../nbs/23_model.tinyllava.ipynb #f2c53dd2
 @patch
 def encode_images(self: TinyLlavaForConditionalGeneration, images) -> tuple:
-    "(features [sum K'_i, D], sizes [N]) for images [N, 3, H, W], [N, 1+t, 3, H, W] or a list of per-image tensors."
-    if torch.is_tensor(images) and images.dim() == 4: pixels, tiles = images, None      # one tile each: no bookkeeping
-    else:
-        per_image = list(images) if isinstance(images, (list, tuple)) or images.dim() == 5 else list(images[:, None])
-        per_image = [im if im.dim() == 4 else im[None] for im in per_image]
-        tiles, pixels = torch.tensor([len(im) for im in per_image]), torch.cat(per_image)
+    ("(features [sum K'_i, D], sizes [N]) for images [N, 3, H, W], [N, 1+t, 3, H, W], a list of per-image tensors, "
+     "or a list of NaFlex patch grids [h, w, 3*p*p].")
     first = next(self.vision_tower.parameters())
-    feats = self.vision_tower(pixels.to(device=first.device, dtype=first.dtype), self.config.vision_feature_layer,
-                              self.config.vision_feature_select_strategy)
-    feats = self.connector(feats)                                          # [sum tiles, K', D]
+    to = lambda x: x.to(device=first.device, dtype=first.dtype)
+    layer, strategy = self.config.vision_feature_layer, self.config.vision_feature_select_strategy
+    if getattr(self.vision_tower, 'naflex', False):                     # a grid per image, each its own token count
+        feats = self.connector(self.vision_tower([to(g) for g in images], layer, strategy))   # N x [K'_i, D]
+        sizes, feats = torch.tensor([len(f) for f in feats], device=first.device), torch.cat(feats)
+    else:
+        if torch.is_tensor(images) and images.dim() == 4: pixels, tiles = images, None  # one tile each: no bookkeeping
+        else:
+            per_image = (list(images) if isinstance(images, (list, tuple)) or images.dim() == 5
+                         else list(images[:, None]))
+            per_image = [im if im.dim() == 4 else im[None] for im in per_image]
+            tiles, pixels = torch.tensor([len(im) for im in per_image]), torch.cat(per_image)
+        feats = self.connector(self.vision_tower(to(pixels), layer, strategy))          # [sum tiles, K', D]
+        sizes = (torch.full((len(pixels),), feats.shape[1], device=feats.device) if tiles is None
+                 else (tiles * feats.shape[1]).to(feats.device))
+        feats = feats.flatten(0, 1)                                                     # [sum K'_i, D]
     if self.scale_image_features:
         feats = feats * torch.tensor(self.config.text_config.hidden_size ** 0.5, dtype=feats.dtype)
-    sizes = (torch.full((len(pixels),), feats.shape[1], device=feats.device) if tiles is None
-             else (tiles * feats.shape[1]).to(feats.device))
-    return feats.flatten(0, 1), sizes
+    return feats, sizes
 
 # %% ../../nbs/23_model.tinyllava.ipynb #bc7f0901
 @patch
 def prepare_inputs(self: TinyLlavaForConditionalGeneration, input_ids, attention_mask=None, labels=None, images=None,
-                   position_ids=None) -> dict:
+                   position_ids=None,
+                   left: bool = None,   # prompts to continue: merged rows end together (see `merge_image_features`)
+                  ) -> dict:
     "LLM inputs: `inputs_embeds` with the images merged in, `attention_mask`, `position_ids`, `labels`."
     has_slots = bool((input_ids == IMAGE_TOKEN_INDEX).any())
     if images is None or (isinstance(images, (list, tuple)) and not images):
@@ -259,7 +271,7 @@ def prepare_inputs(self: TinyLlavaForConditionalGeneration, input_ids, attention
     feats, sizes = self.encode_images(images)
     embeds, mask, pos, labels = merge_image_features(input_ids, attention_mask, labels, feats, sizes,
                                                      self.get_input_embeddings(),
-                                                     self.config.tokenizer_model_max_length, position_ids)
+                                                     self.config.tokenizer_model_max_length, position_ids, left)
     return dict(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, labels=labels)
 
 @patch
@@ -286,7 +298,7 @@ def check_context(model, prompt: int, max_new_tokens: int):
 @torch.no_grad()
 def generate(self: TinyLlavaForConditionalGeneration, input_ids=None, images=None, attention_mask=None, **kwargs):
     "Generate from prompts (left padded in a batch) and their images; returns only the new tokens."
-    inputs = self.prepare_inputs(input_ids, attention_mask, None, images)
+    inputs = self.prepare_inputs(input_ids, attention_mask, None, images, left=True)   # new tokens go on the right
     inputs.pop('labels'); inputs.pop('position_ids', None)                 # generate derives positions from the mask
     check_context(self, inputs['inputs_embeds'].shape[1], kwargs.get('max_new_tokens') or 0)
     kwargs.setdefault('pad_token_id', self.config.pad_token_id)
@@ -313,7 +325,7 @@ def toy_tinyllava(llm: str = 'phi', vision: str = 'siglip', connector: str = 'ml
                           tokenizer_model_max_length=tok.model_max_length, **kwargs)
     torch.manual_seed(seed)
     model = TinyLlavaForConditionalGeneration(cfg)
-    model.vision_tower.image_processor = toy_image_processor(first, image_size)
+    model.vision_tower.image_processor = toy_image_processor(first, image_size, patch_size)
     return model, tok, model.vision_tower.image_processor
 
 # %% ../../nbs/23_model.tinyllava.ipynb #9f88d50d
