@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['DECODE_ARGS', 'conv_version_of', 'encode_question', 'image_preprocess_of', 'generation_kwargs', 'generate_batch',
-           'chat', 'chat_turn', 'show_widget', 'ChatWidget', 'gradio_app']
+           'question_inputs', 'chat', 'chat_turn', 'show_widget', 'ChatWidget', 'gradio_app']
 
 # %% ../nbs/40_infer.ipynb #10d175f6
 from pathlib import Path
@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .data.image import ImagePreprocess, to_rgb
+from .data.dataset import concat_images
+from .data.image import ImagePreprocess, image_size, split_image_text, to_rgb
 from .data.template import DEFAULT_IMAGE_TOKEN, TemplateFactory
 from .model.decode import decode   # adds `decode` to the model class
 from .model.llm import llm_family
@@ -22,20 +23,23 @@ def conv_version_of(model) -> str:
     "The chat template a model uses: its config's `conv_version`, else its LLM family's default."
     return getattr(model.config, 'conv_version', None) or llm_family(model.config.text_config).template
 
-def encode_question(question: str, tokenizer, conv_version: str, has_image: bool = True, history: list = ()) -> dict:
+def encode_question(question: str, tokenizer, conv_version: str, has_image: bool = True, history: list = (),
+                    image_texts: list = None,   # what each `<image>` becomes ('split': its tiles), or None
+                   ) -> dict:
     ("Prompt ids and text for `question` (after earlier (question, answer) turns), "
-     "with `<image>` first if there is an image.")
+     "with `<image>` first if there is an image and no `<image>` yet.")
     if has_image and DEFAULT_IMAGE_TOKEN not in question and not history:
         question = DEFAULT_IMAGE_TOKEN + '\n' + question
     turns = [t for q, a in history for t in ({'from': 'human', 'value': q}, {'from': 'gpt', 'value': a})]
     return TemplateFactory(conv_version)().encode(turns + [{'from': 'human', 'value': question}], tokenizer,
-                                                  mode='infer')
+                                                  mode='infer', image_texts=image_texts)
 
 def image_preprocess_of(model, image_processor, image_aspect_ratio: str = None) -> ImagePreprocess:
     "The model's image preprocessing (its config's aspect-ratio mode unless one is given)."
     return ImagePreprocess(image_processor,
                            image_aspect_ratio or getattr(model.config, 'image_aspect_ratio', 'square') or 'square',
-                           getattr(model.config, 'image_grid_pinpoints', None))
+                           getattr(model.config, 'image_grid_pinpoints', None),
+                           getattr(model.config, 'max_side_tiles', None) or 4)
 
 # %% ../nbs/40_infer.ipynb #c8a84a7b
 def generation_kwargs(temperature: float = 0.0, top_p: float = None, num_beams: int = 1,
@@ -53,17 +57,18 @@ DECODE_ARGS = {'do_sample', 'num_beams', 'max_new_tokens', 'temperature', 'top_p
 
 @torch.inference_mode()
 def generate_batch(model, tokenizer, prompts: list, images: list, streamer=None, **gen) -> list:
-    ("Answers (decoded, stripped) for prompt id tensors and their images (tensor or None each), "
-     "in one left-padded batch.")
+    ("Answers (decoded, stripped) for prompt id tensors and their images, in one left-padded batch; a prompt's images "
+     "are None, one image [3, H, W], a tensor of slots [n, ...] or a list of slots (`ImagePreprocess.slots`).")
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts): ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
     device = next(model.parameters()).device
-    pixels = [im if im.dim() == 4 else im[None] for im in images if im is not None]
-    kw = dict(images=torch.cat(pixels).to(device) if pixels else None, attention_mask=mask.to(device), pad_token_id=pad,
-              streamer=streamer)
+    pixels = concat_images([x[None] if torch.is_tensor(x) and x.dim() == 3 else x for x in images])
+    if isinstance(pixels, list): pixels = [x.to(device) for x in pixels]                # NaFlex grids, unequal tiles
+    elif pixels is not None: pixels = pixels.to(device)
+    kw = dict(images=pixels, attention_mask=mask.to(device), pad_token_id=pad, streamer=streamer)
     if gen.get('num_beams', 1) == 1 and 'max_new_tokens' in gen and set(gen) <= DECODE_ARGS:   # greedy or sampled
         out = model.decode(ids.to(device), max_new_tokens=gen['max_new_tokens'], top_p=gen.get('top_p'),
                            temperature=gen.get('temperature', 1.0) if gen.get('do_sample') else 0.0, **kw)
@@ -71,26 +76,40 @@ def generate_batch(model, tokenizer, prompts: list, images: list, streamer=None,
     return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 # %% ../nbs/40_infer.ipynb #1f67bb12
-def chat(model, tokenizer, image_processor, image=None,   # a PIL image, a path, or None
+def question_inputs(pre: ImagePreprocess, question: str, tokenizer, conv_version: str,
+                    images: list = (),    # PIL images or file paths, one per `<image>` of the conversation
+                    history: list = ()) -> tuple:
+    "(prompt encoding, the model's `images` or None) for `question` about `images`, after the `history` turns."
+    enc = encode_question(question, tokenizer, conv_version, bool(images), history)
+    if (slots := enc['prompt'].count(DEFAULT_IMAGE_TOKEN)) != len(images):
+        again = " (the history's images come again with every question)" if history and slots else ""
+        raise ValueError(f"{len(images)} image(s) given, but the conversation has {slots} <image> slot(s): "
+                         f"give one image per <image>, in order{again}")
+    is_path = lambda x: isinstance(x, (str, Path))
+    if pre.image_aspect_ratio == 'split':                    # each image becomes its tiles, a slot each
+        texts = [split_image_text(*pre.split_grid(image_size(x) if is_path(x) else x.size)) for x in images]
+        enc = encode_question(question, tokenizer, conv_version, True, history, texts)
+    return enc, pre.slots([pre.open(x) if is_path(x) else pre(x) for x in images])
+
+def chat(model, tokenizer, image_processor,
+         image=None,   # a PIL image or a path, a list of them (one per `<image>` of the conversation), or None
          prompt: str = 'Describe the image.', conv_version: str = None, history: list = (),
          temperature: float = 0.0, top_p: float = None, num_beams: int = 1, max_new_tokens: int = 128,
          streamer=None) -> str:
-    "The model's answer to `prompt` about `image`."
-    if isinstance(image, (str, Path)): image = Image.open(image)
-    enc = encode_question(prompt, tokenizer, conv_version or conv_version_of(model), image is not None, history)
-    pixels = image_preprocess_of(model, image_processor)(image) if image is not None else None
-    if pixels is None and history and DEFAULT_IMAGE_TOKEN in history[0][0]:
-        raise ValueError("the history has an image: pass it again")
+    "The model's answer to `prompt` about `image` (or images, in the order of their `<image>`)."
+    images = image if isinstance(image, (list, tuple)) else [] if image is None else [image]
+    enc, pixels = question_inputs(image_preprocess_of(model, image_processor), prompt, tokenizer,
+                                  conv_version or conv_version_of(model), images, history)
     return generate_batch(model, tokenizer, [enc['input_ids']], [pixels], streamer=streamer,
                           **generation_kwargs(temperature, top_p, num_beams, max_new_tokens))[0]
 
 # %% ../nbs/40_infer.ipynb #e5d468df
 def chat_turn(model, tokenizer, image_processor, image, question: str, history: list = (), conv_version: str = None,
               max_new_tokens: int = 128) -> tuple:
-    "(answer, history + this turn) for the next question of a conversation about `image` (or none)."
+    "(answer, history + this turn) for the next question of a conversation about `image` (a list, or none)."
     answer = chat(model, tokenizer, image_processor, image, question, conv_version, list(history),
                   max_new_tokens=max_new_tokens)
-    first = image is not None and not history
+    first = image is not None and not history and DEFAULT_IMAGE_TOKEN not in question
     return answer, list(history) + [(DEFAULT_IMAGE_TOKEN + '\n' + question if first else question, answer)]
 
 # %% ../nbs/40_infer.ipynb #1efd23b0
