@@ -263,3 +263,13 @@ def test_training_skips_a_picture_found_bad_while_loading(tmp_path):
     assert 'skipped 1 of 8 samples' in r.stdout and (tmp_path / 'skip' / 'model.safetensors').exists()
     r = run('strict')
     assert r.returncode != 0 and 'unreadable image' in r.stderr and 'train_3.png' in r.stderr, r.stderr[-2000:]
+
+
+def test_template_that_does_not_fit_the_tokenizer_is_refused(tmp_path):
+    "A Llama 3 template on Phi-2's tokenizer would teach the model to spell '<|eot_id|>' out: refused before training."
+    from tinyllava_nb.toy import toy_tokenizer
+    f = tmp_path / 'd.json'
+    f.write_text(json.dumps([{'conversations': [{'from': 'human', 'value': 'Hi'}, {'from': 'gpt', 'value': 'Yo'}]}]))
+    with pytest.raises(ValueError, match=r"ends each answer with '<\|eot_id\|>', which the tokenizer \(CodeGenTokenizer"):
+        LazySupervisedDataset(f, toy_tokenizer('phi'), 'llama3')
+    assert len(LazySupervisedDataset(f, toy_tokenizer('llama3'), 'llama3')) == 1

@@ -18,4 +18,4 @@ def test_labels_from_data_file(tmp_path):
 
 def test_unknown_template_is_a_clear_error():
     r = run('labels', '--template', 'vicuna_v1')
-    assert r.returncode == 2 and "Traceback" not in r.stderr and "registered: gemma, llama, phi, pretrain, qwen2_base, qwen2_instruct" in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "registered: chat_template, chatml, gemma, llama, llama3, phi, phi3, pretrain, qwen2_base, qwen2_instruct" in r.stderr

@@ -313,7 +313,7 @@ def test_lmms_eval_batches_answer_as_alone_and_stop_at_until(tmp_path):
     stopped, = lm.generate_until([SimpleNamespace(args=('Which shape?', cut, picture, 0, 't', 'test'))])
     assert stopped == answers[3].split(answers[3][1:3])[0] and len(stopped) < len(answers[3])
     two = lambda doc: [doc['image'], doc['image']]
-    with pytest.raises(ValueError, match='t document 0: 2 images'):
+    with pytest.raises(ValueError, match=r't document 0: 2 image\(s\) given, but the conversation has 1 <image>'):
         lm.generate_until([SimpleNamespace(args=('Two?', short, two, 0, 't', 'test'))])
 
 

@@ -71,7 +71,7 @@ def bench_encode(n: int = 300, rounds: int = 5) -> Row:
     "Conversations/s of `Template.encode` (ids + labels) / conversations/s of `tokenizer(prompt)`."
     tok, tpl = toy_tokenizer('phi'), TemplateFactory('phi')()
     convs = conversations(n)
-    texts = [tpl.render(*split_turns(c, 'train'))[0] for c in convs]
+    texts = [tpl.render(*split_turns(c, 'train'), tok)[0] for c in convs]
     for c, t in zip(convs, texts):
         if '<image>' not in t and tpl.encode(c, tok)['input_ids'].tolist() != tok(t).input_ids:
             raise AssertionError(f"encode ids differ from the tokenizer's for {t[:60]!r}")

@@ -97,7 +97,7 @@ def _labels_run(args):
             else json.loads(args.conversation) if args.conversation else EXAMPLE)
     tok, tpl = load_tokenizer(args.tokenizer), TemplateFactory(args.template)()
     print(f"template {args.template!r}, tokenizer {args.tokenizer} ({type(tok).__name__})\n")
-    print(tpl.render(*split_turns(conv))[0], end='\n\n')
+    print(tpl.render(*split_turns(conv), tok)[0], end='\n\n')
     print(show_labels(tpl.encode(conv, tok), tok).text(color=sys.stdout.isatty()))
 
 _ = commands.register('labels', Command("show how a conversation is tokenized and which tokens are trained",

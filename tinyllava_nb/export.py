@@ -22,11 +22,12 @@ from transformers import (AutoProcessor, AutoTokenizer, GenerationConfig, LlavaC
                           LlavaProcessor)
 
 from .data.image import to_rgb
-from .data.template import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX, TemplateFactory
+from .data.template import (DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX, ChatTemplate,
+                                        TemplateFactory)
 from .eval.run import read_questions
 from .eval.score import read_jsonl, write_jsonl
-from .infer import (conv_version_of, encode_question, generate_batch, generation_kwargs,
-                                image_preprocess_of)
+from .infer import (conv_version_of, generate_batch, generation_kwargs, image_preprocess_of,
+                                question_inputs, stop_ids_of)
 from .model.llm import llm_family, llms, read_config_json
 from .model.tinyllava import load_pretrained
 
@@ -46,8 +47,12 @@ def check_exportable(model) -> None:
         else f"connector {cfg.connector_type!r}: LLaVA's projector is linear_1, an activation, linear_2"
             if cfg.connector_type not in ('identity', 'linear') and not depth
         else f"connector {cfg.connector_type!r}: {depth} linear layers, LLaVA's projector has 2" if (depth or 0) > 2
-        else "image_aspect_ratio 'anyres' (a base image plus tiles): LLaVA takes one image of one size"
-            if cfg.image_aspect_ratio == 'anyres'
+        else "the vision tower takes patch grids at each picture's own aspect ratio (NaFlex): LLaVA's takes squares"
+            if model.vision_tower.naflex
+        else f"image_aspect_ratio {cfg.image_aspect_ratio!r} (tiles): LLaVA takes one image of one size"
+            if cfg.image_aspect_ratio in ('anyres', 'split')
+        else "chat template 'chat_template' (the tokenizer's own): LLaVA's processor needs one that places images"
+            if cfg.conv_version == 'chat_template'
         else f"vision_feature_select_strategy {cfg.vision_feature_select_strategy!r}"
             if cfg.vision_feature_select_strategy not in STRATEGIES
         else f"LLM {cfg.text_config.model_type!r}: its code is not part of transformers"
@@ -97,6 +102,9 @@ def chat_template(conv_version: str,    # one of our template names: phi, llama,
                  ) -> str:
     "Our template `conv_version` as a Jinja chat template for LLaVA's processor."
     t, q = TemplateFactory(conv_version)(), json.dumps                  # q: a Jinja string literal
+    if isinstance(t, ChatTemplate):
+        raise ValueError("the 'chat_template' template is the tokenizer's own Jinja template, which knows nothing of "
+                         "LLaVA's image parts: export a model trained with a named template")
     (ih, it), (uh, ut), (ah, at) = [(f.head, f.tail) for f in (t.format_image_token, t.format_user, t.format_assistant)]
     images = ("{%- for _ in range(n) %}{% set ns.q = (" + q(ih) + " + ns.q + " + q(it) + ")|trim %}{% endfor %}"
               if it is not None else "{%- if n %}{% set ns.q = " + q(ih) + "|trim %}{% endif %}")
@@ -114,7 +122,8 @@ def chat_template(conv_version: str,    # one of our template names: phi, llama,
         "{%- elif m['role'] == 'user' %}" + images + "{% set ns.out = ns.out + " + user + " %}",
         "{%- else %}{% set ns.out = ns.out + " + q(ah) + " + text + " + q(at) + " %}{%- endif %}",
         "{%- endfor %}",
-        "{%- if add_generation_prompt %}{% set ns.out = ns.out + " + q(ah.rstrip()) + " %}{%- endif %}",
+        "{%- if add_generation_prompt %}{% set ns.out = ns.out + " + q(ah.rstrip() if t.strip_head else ah) + " %}",
+        "{%- endif %}",
         "{%- set out = ns.out.replace('<image>', '<image>' + " + q(sep) + ") %}",
         "{%- if out.endswith('<image>' + " + q(sep) + ") %}",
         "{% set out = out[:out|length - " + str(len(sep)) + "] %}{% endif %}",
@@ -182,7 +191,7 @@ def to_llava(model, tokenizer, image_processor, output_dir) -> Path:
     vcfg = model.config.vision_config
     LlavaProcessor(export_image_processor(model, image_processor), tok, patch_size=vcfg.patch_size,
                    vision_feature_select_strategy=STRATEGIES[model.config.vision_feature_select_strategy],
-                   chat_template=chat_template(conv_version_of(model), image_separator(tok)),
+                   chat_template=chat_template(conv_version_of(model, tok), image_separator(tok)),
                    num_additional_image_tokens=int(model.vision_tower.has_cls)).save_pretrained(out)
     return out
 
@@ -211,7 +220,8 @@ def _both_inputs(model, tokenizer, image_processor, output_dir, image=None, conv
     llava = LlavaForConditionalGeneration.from_pretrained(output_dir).eval()      # as a user loads them
     processor = AutoProcessor.from_pretrained(output_dir)
     text = processor.apply_chat_template(llava_messages(conversation), add_generation_prompt=True)
-    ids = TemplateFactory(conv_version_of(model))().encode(conversation, tokenizer, mode='infer')['input_ids']
+    ids = TemplateFactory(conv_version_of(model, tokenizer))().encode(conversation, tokenizer,
+                                                          mode='infer')['input_ids']
     pixels = image_preprocess_of(model, image_processor)(image)
     return llava, processor(images=image, text=text, return_tensors='pt'), ids, pixels
 
@@ -442,7 +452,8 @@ class TinyLlavaLmms:
         super().__init__()
         self.model, self.tokenizer, self.processor = load_pretrained(pretrained, device=device,
                                                                      trust_remote_code=trust_remote_code)
-        self.conv_mode, self.batch_size_per_gpu = conv_mode or conv_version_of(self.model), int(batch_size)
+        self.conv_mode = conv_mode or conv_version_of(self.model, self.tokenizer)
+        self.batch_size_per_gpu = int(batch_size)
         self.preprocess, self._rank, self._world_size = image_preprocess_of(self.model, self.processor), 0, 1
 
     rank, world_size = property(lambda self: self._rank), property(lambda self: self._world_size)
@@ -451,9 +462,10 @@ class TinyLlavaLmms:
     def _prompt(self, context: str, doc_to_visual, doc_id: int, task: str, split: str) -> tuple:
         "(prompt ids, pixel_values or None) for a question and the picture of its document."
         visuals = [v for v in (doc_to_visual(self.task_dict[task][split][doc_id]) or []) if v is not None]
-        if len(visuals) > 1: raise ValueError(f"{task} document {doc_id}: {len(visuals)} images, this model takes one")
-        enc = encode_question(context, self.tokenizer, self.conv_mode, bool(visuals))
-        return enc['input_ids'], self.preprocess(to_rgb(visuals[0])) if visuals else None
+        try: enc, pixels = question_inputs(self.preprocess, context, self.tokenizer, self.conv_mode,
+                                           [to_rgb(v) for v in visuals])  # one image per <image>, tiles in 'split'
+        except ValueError as e: raise ValueError(f"{task} document {doc_id}: {e}") from None
+        return enc['input_ids'], pixels
 
     def generate_until_multi_round(self, requests):
         raise NotImplementedError("multi-round generation is not supported by the tinyllava_nb model")
@@ -471,7 +483,9 @@ def generate_until(self: TinyLlavaLmms, requests) -> list:
             gen = generation_kwargs(kw.get('temperature') or 0.0, kw.get('top_p'), kw.get('num_beams') or 1,
                                     kw.get('max_new_tokens') or 128)
             prompts, pixels = zip(*(self._prompt(c, *rest) for c, _, *rest in group))
-            for text in generate_batch(self.model, self.tokenizer, list(prompts), list(pixels), **gen):
+            stop = stop_ids_of(self.model, self.tokenizer, self.conv_mode)
+            for text in generate_batch(self.model, self.tokenizer, list(prompts), list(pixels), eos_token_id=stop,
+                                       **gen):
                 for stop in [until] if isinstance(until, str) else until: text = text.split(stop)[0]
                 answers.append(text)
     return answers

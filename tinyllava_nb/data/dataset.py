@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler
 
 from .image import image_size, split_image_text
 from .template import (DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX, SampleError,
-                                        TemplateFactory, expand_images, split_turns)
+                                        TemplateFactory, check_pairing, expand_images, split_turns)
 
 # %% ../../nbs/12_data.dataset.ipynb #f4bd3c26
 def load_samples(path) -> list:
@@ -90,6 +90,7 @@ class LazySupervisedDataset(Dataset):
                 ):
         self.path, self.tokenizer, self.image_preprocess = Path(data_path), tokenizer, image_preprocess
         self.template = TemplateFactory(template)() if isinstance(template, str) else template
+        check_pairing(self.template, tokenizer)               # e.g. a Llama 3 template on another tokenizer
         self.image_folder = Path(image_folder) if image_folder is not None else self.path.parent
         self.num_image_tokens, self.skip_bad = num_image_tokens, skip_bad
         self.model_max_length = model_max_length or tokenizer.model_max_length

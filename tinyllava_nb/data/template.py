@@ -7,8 +7,8 @@ __all__ = ['IGNORE_INDEX', 'IMAGE_TOKEN_INDEX', 'DEFAULT_IMAGE_TOKEN', 'SYSTEM',
            'SampleError', 'split_turns', 'Template', 'TemplateFactory', 'PretrainTemplate', 'LlamaTemplate',
            'PhiTemplate', 'GemmaTemplate', 'Qwen2BaseTemplate', 'Qwen2InstructTemplate', 'ChatMLTemplate',
            'Llama3Template', 'Phi3Template', 'added_prefix', 'tokenize_spans', 'expand_images', 'LabelView',
-           'show_labels', 'trained_runs', 'check_pairing', 'ChatTemplate', 'random_conversation', 'check_encoding',
-           'fuzz_templates']
+           'show_labels', 'trained_runs', 'check_pairing', 'stop_ids', 'ChatTemplate', 'random_conversation',
+           'check_encoding', 'fuzz_templates']
 
 # %% ../../nbs/10_data.template.ipynb #718a57ca
 import bisect, os, re
@@ -342,6 +342,15 @@ def check_pairing(template: Template, tokenizer) -> None:
                              f"({who}) does not have as a token: the model would learn to spell it out and could "
                              "not stop on it. Use the template of the LLM's family (its default), or "
                              "'chat_template' for the tokenizer's own format")
+
+# %% ../../nbs/10_data.template.ipynb #a199e5a2
+def stop_ids(template: Template, tokenizer) -> list:
+    "Ids of the special tokens that end an answer in `template` (`<|im_end|>`, `<|end|>`): generation stops at them."
+    if isinstance(template, ChatTemplate):
+        text, spans = template.render(['Hi'], ['Hello'], tokenizer)
+        tail = text[spans[0][0]:spans[0][1]].split('Hello', 1)[-1]
+    else: tail = template.format_assistant.tail or ''
+    return [tokenizer.convert_tokens_to_ids(m) for m in _MARKER.findall(tail) if _has_token(tokenizer, m)]
 
 # %% ../../nbs/10_data.template.ipynb #88c0f5db
 _STAND_IN = re.compile('\ue000(\\d+)\ue001')                       # where answer k goes, while rendering

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from ..registry import Registry
 from .score import mmmu_choice, read_jsonl
-from ..infer import conv_version_of, encode_question, generate_batch, generation_kwargs, image_preprocess_of
+from ..infer import (conv_version_of, generate_batch, generation_kwargs, image_preprocess_of,
+                                question_inputs, stop_ids_of)
 
 # %% ../../nbs/41_eval.run.ipynb #010389c5
 @dataclass(frozen=True)
@@ -120,18 +121,19 @@ def run_benchmark(name: str, model, tokenizer, image_processor,
 def _ask(name, todo, model, tokenizer, image_processor, image_folder, answers_file, conv_mode, batch_size, gen,
          model_id):
     "Ask the `todo` questions in batches, appending each answer to `answers_file`, flushed after every batch."
-    bench, conv = benchmarks[name], conv_mode or conv_version_of(model)
-    pre, rng = image_preprocess_of(model, image_processor), random.Random(42)
+    bench, conv = benchmarks[name], conv_mode or conv_version_of(model, tokenizer)
+    pre, rng, stop = image_preprocess_of(model, image_processor), random.Random(42), stop_ids_of(model, tokenizer, conv)
     multi = lambda q: isinstance(q['image'], list) and len(q['image']) > 1
     with answers_file.open('a', encoding='utf-8') as out:
         for k in tqdm(range(0, len(todo), batch_size), desc=name, unit='batch', disable=len(todo) <= batch_size):
             batch = todo[k:k + batch_size]
             asked = [q for q in batch if not multi(q)]
-            encs = [encode_question(q['text'], tokenizer, conv, q['image'] is not None) for q in asked]
-            pixels = [pre.open(_image_path(image_folder, q['image'])) if q['image'] is not None else None
+            inputs = [question_inputs(pre, q['text'], tokenizer, conv,                  # 'split': an image's tiles
+                                      [] if q['image'] is None else [_image_path(image_folder, q['image'])])
                       for q in asked]
+            encs, pixels = [e for e, _ in inputs], [p for _, p in inputs]
             ids = [e['input_ids'] for e in encs]
-            texts = iter(generate_batch(model, tokenizer, ids, pixels, **gen) if asked else [])
+            texts = iter(generate_batch(model, tokenizer, ids, pixels, eos_token_id=stop, **gen) if asked else [])
             prompts = iter(e['prompt'] for e in encs)
             for q in batch:
                 text, prompt = (None, q['text']) if multi(q) else (next(texts), next(prompts))

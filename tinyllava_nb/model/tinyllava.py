@@ -55,8 +55,9 @@ class TinyLlavaConfig(PretrainedConfig):
                  text_config=None, vision_config=None, vision_config2=None,   # the parts' configs (dicts or configs)
                  vision_feature_layer: int = -2,
                  vision_feature_select_strategy: str = 'patch',
-                 image_aspect_ratio: str = 'square',        # 'square', 'pad' or 'anyres'
+                 image_aspect_ratio: str = 'square',        # 'square', 'pad', 'anyres' or 'split'
                  image_grid_pinpoints=None,                 # anyres resolutions
+                 max_side_tiles: int = 4,                   # split: most tiles along an image's longer side
                  num_queries: int = None, num_resampler_layers: int = None,   # qformer / resampler
                  conv_version: str = None,                  # chat template; default: the LLM family's
                  tokenizer_model_max_length: int = 2048,
@@ -74,6 +75,7 @@ class TinyLlavaConfig(PretrainedConfig):
         self.vision_feature_layer, self.vision_feature_select_strategy = (vision_feature_layer,
                                                                           vision_feature_select_strategy)
         self.image_aspect_ratio, self.image_grid_pinpoints = image_aspect_ratio, image_grid_pinpoints
+        self.max_side_tiles = max_side_tiles
         self.num_queries, self.num_resampler_layers, self.conv_version = num_queries, num_resampler_layers, conv_version
         self.tokenizer_model_max_length, self.tokenizer_padding_side = (tokenizer_model_max_length,
                                                                         tokenizer_padding_side)

@@ -59,8 +59,10 @@ class DataArguments:
                               metadata={'help': "image paths are relative to it (default: the data file's folder)"})
     conv_version: str = field(default=None,
                               metadata={'help': "chat template (default: the LLM family's); 'pretrain' for stage 1"})
-    image_aspect_ratio: str = field(default='square', metadata={'help': 'square, pad or anyres'})
+    image_aspect_ratio: str = field(default='square', metadata={'help': 'square, pad, anyres or split'})
     image_grid_pinpoints: str = None
+    max_side_tiles: int = field(default=4, metadata={'help': "split: at most this many tiles along an image's "
+                                                             "longer side"})
     skip_bad_samples: bool = field(default=False,
                                    metadata={'help': 'leave bad samples out (counted) instead of failing'})
     full_check: bool = field(default=False,
@@ -322,6 +324,8 @@ def _stage(m: ModelArguments, d: DataArguments, t: TrainingArguments, recipe: Re
     template = d.conv_version or llm_family(model.config.text_config).template_for(tok)
     check_pairing(TemplateFactory(template)(), tok)
     model.config.conv_version = template                    # saved with the model: inference uses the same template
+    for k in ('image_aspect_ratio', 'image_grid_pinpoints', 'max_side_tiles'):   # and the same pictures
+        setattr(model.config, k, getattr(d, k))
     base_dir = None
     if recipe.uses_lora() and not t.pretrained_model_path:
         base_dir = Path(t.output_dir) / 'base'
@@ -332,7 +336,7 @@ def _stage(m: ModelArguments, d: DataArguments, t: TrainingArguments, recipe: Re
     if t.process_index == 0: print(format_table(table))
     base_model = model.get_base_model() if hasattr(model, 'get_base_model') else model
     data = LazySupervisedDataset(d.data_path, tok, template, d.image_folder,
-                                 ImagePreprocess(proc, d.image_aspect_ratio, d.image_grid_pinpoints),
+                                 ImagePreprocess(proc, d.image_aspect_ratio, d.image_grid_pinpoints, d.max_side_tiles),
                                  num_image_tokens=base_model.num_image_tokens, model_max_length=tok.model_max_length,
                                  skip_bad=d.skip_bad_samples, full_check=d.full_check)
     _report_skipped(data, t)
