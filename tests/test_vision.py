@@ -127,7 +127,7 @@ def naflex_batch(tok, n_rows, pad_left=False, answer=True):
     labels = torch.where(ids == I, IGNORE_INDEX, ids)
     return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
 
-@pytest.mark.parametrize('connector', ['mlp2x_gelu', 'pixel_shuffle2x_mlp'])
+@pytest.mark.parametrize('connector', ['mlp2x_gelu', 'pixel_shuffle2x_mlp', 'avgpool2x_mlp'])
 def test_toy_tinyllava_siglip2_trains_and_round_trips(connector, tmp_path):
     model, tok, proc = toy_tinyllava('phi', 'siglip2', connector)
     assert type(model.vision_tower).__name__ == 'Siglip2VisionTower' and model.vision_tower.naflex
@@ -165,7 +165,7 @@ def generate_batch_and_alone(connector, rows):
                                               attention_mask=left_padded(tok, rows)[1], **kw)
     return run(rows, grids), torch.cat([run([r], grids[i:i + 1]) for i, r in enumerate(rows)])
 
-@pytest.mark.parametrize('connector', ['mlp2x_gelu', 'pixel_shuffle2x_mlp'])
+@pytest.mark.parametrize('connector', ['mlp2x_gelu', 'pixel_shuffle2x_mlp', 'avgpool2x_mlp'])
 def test_generate_two_shapes_in_one_batch_equals_each_alone(connector):
     both, alone = generate_batch_and_alone(connector, [[5, 6, I, 7, 8], [6, I, 7, 8]])   # the second left padded
     assert torch.equal(both, alone)
@@ -180,3 +180,26 @@ def test_num_image_tokens_bounds_every_naflex_grid():
     model, _, _ = toy_tinyllava('phi', 'siglip2', 'pixel_shuffle2x_mlp')          # 16 patches, 2 x 2 blocks
     grids = [(h, w) for h in range(1, 17) for w in range(1, 17) if h * w <= 16]
     assert model.num_image_tokens == max(model.connector.grid_tokens(h, w) for h, w in grids) == 8   # a 1 x 16 strip
+
+def test_a_full_config_as_data_gives_its_vision_tower():
+    "A whole SigLIP2 config (text and vision) stored as `vision_config`: the model takes its vision part."
+    from tinyllava_nb.model.tinyllava import TinyLlavaConfig
+    from tinyllava_nb.toy import toy_llm_config
+    full = transformers.Siglip2Config(vision_config=toy_vision_config('siglip2').to_dict()).to_dict()
+    cfg = TinyLlavaConfig(text_config=toy_llm_config('phi'), vision_config=full)
+    assert (type(cfg.vision_config).__name__, cfg.vision_hidden_size, cfg.vision_tower_type) == ('Siglip2VisionConfig', 32, 'siglip2')
+
+
+@pytest.mark.parametrize('connector', ['pixel_shuffle2x_mlp', 'avgpool2x_mlp'])
+def test_naflex_packing_equals_padding(connector):
+    "Pictures of 2 x 6, 4 x 4 and 1 x 16 patches (3, 4 and 8 tokens): one packed row trains like the padded batch."
+    from tinyllava_nb.data.dataset import DataCollatorForSupervisedDataset
+    model, tok, proc = toy_tinyllava('qwen3', 'siglip2', connector)
+    grids = grids_of([(64, 24), (32, 32), (128, 8)], proc)
+    samples = [dict(input_ids=torch.tensor(ids), labels=torch.tensor([IGNORE_INDEX] * 3 + ids[3:]), images=[g])
+               for ids, g in zip([[5, I, 6, 7, 8, 9], [5, I, 6, 10, 11, 12, 13], [5, 6, I, 14, 15]], grids)]
+    losses = []
+    for packing in (False, True):
+        batch = DataCollatorForSupervisedDataset(tok, packing=packing)(samples)
+        losses.append(model(**batch).loss)
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)

@@ -236,8 +236,9 @@ for _name, _cmd in {
 # %% ../nbs/90_cli.ipynb #caaeaefd
 def _demo_args(p):
     p.add_argument('--output-dir', default='runs/demo')
-    p.add_argument('--llm', default='phi', help="toy LLM family: phi, llama, qwen2, gemma, stablelm")
-    p.add_argument('--vision', default='siglip', help="toy vision tower: siglip, clip, dinov2")
+    p.add_argument('--llm', default='phi', help="toy LLM: phi, llama, qwen2, gemma, stablelm, qwen3, llama3, "
+                   "smollm2, gemma2, gemma3, phi3")
+    p.add_argument('--vision', default='siglip', help="toy vision tower: siglip, siglip2 (NaFlex), clip, dinov2")
     p.add_argument('--connector', default='mlp2x_gelu')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--fast', action='store_true',

@@ -18,8 +18,10 @@ from torch import nn
 from .eval.run import run_benchmark
 from .eval.score import read_jsonl, score_gqa, score_mme, score_pope
 from .model.connector import connector_name, connectors
+from .data.image import is_naflex
 from .model.llm import llm_family
 from .model.tinyllava import load_pretrained, save_pretrained_all, toy_tinyllava
+from .model.vision import naflex_grids
 from .toy import toy_tokenizer, toy_tokenizers, toy_vision
 from .train.run import LossPrinter, main as train_main
 from .world import CHANCE, COLOURS, SHAPES, Thing, make_world, patch_labels
@@ -85,7 +87,10 @@ class PatchLabeller(nn.Module):
 
     def forward(self, pixel_values, shape=None, colour=None):
         "Per-patch logits (shapes, then colours; background first in each); the loss if the targets are given."
-        logits = self.head(self.tower(pixel_values, self.layer, self.strategy)[:, self.skip:])
+        if self.tower.naflex:                    # patch grids [N, h, w, 3pp]: feature grids, flattened row by row
+            feats = torch.stack(self.tower(list(pixel_values), self.layer, self.strategy)).flatten(1, 2)
+        else: feats = self.tower(pixel_values, self.layer, self.strategy)
+        logits = self.head(feats[:, self.skip:])
         if shape is None: return dict(logits=logits)
         if logits.shape[1] != shape.shape[1]:
             raise ValueError(f"the tower gives {logits.shape[1]} patch tokens, the labels {shape.shape[1]} patches")
@@ -97,9 +102,11 @@ def patch_dataset(world: dict, image_processor, patch_size: int) -> list:
     "The world's training pictures as `pixel_values` with their per-patch targets (the `PatchLabeller`'s inputs)."
     scenes = json.loads(Path(world['scenes']).read_text())
     images = [Image.open(Path(world['root']) / sc['image']).convert('RGB') for sc in scenes]
-    pixels = image_processor(images, return_tensors='pt')['pixel_values']
-    if pixels.shape[-1] != images[0].width:
-        raise ValueError(f"the image processor resizes {images[0].width}-pixel pictures to {pixels.shape[-1]}: "
+    pixels = (torch.stack(naflex_grids(image_processor, images)) if is_naflex(image_processor)   # [N, h, w, 3pp]
+              else image_processor(images, return_tensors='pt')['pixel_values'])                 # [N, 3, H, W]
+    side = pixels.shape[1] * patch_size if is_naflex(image_processor) else pixels.shape[-1]
+    if side != images[0].width:
+        raise ValueError(f"the image processor resizes {images[0].width}-pixel pictures to {side}: "
                          "patches would not line up")
     rows = []
     for sc, px in zip(scenes, pixels):

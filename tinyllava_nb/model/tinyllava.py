@@ -30,9 +30,10 @@ from .connector import build_connector
 # %% ../../nbs/23_model.tinyllava.ipynb #5f168fa8
 def _sub_config(data, name_or_path: str, vision: bool = False, trust_remote_code: bool = False):
     "A config from stored data (a dict with `model_type`, or a config), else read from a directory / hub name."
-    if isinstance(data, PretrainedConfig): return data
+    own = lambda cfg: getattr(cfg, 'vision_config', cfg) if vision else cfg   # a full CLIP / SigLIP config: its tower's
+    if isinstance(data, PretrainedConfig): return own(data)
     model_type = data.get('model_type') if isinstance(data, dict) else None
-    if model_type in CONFIG_MAPPING: return AutoConfig.for_model(**data)
+    if model_type in CONFIG_MAPPING: return own(AutoConfig.for_model(**data))
     if not name_or_path:
         if model_type:
             raise ValueError(f"model_type {model_type!r} is not part of transformers, and no model path names its code")
