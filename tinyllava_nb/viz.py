@@ -85,8 +85,8 @@ class Monitor:
         self._hooks.append(lm.register_forward_hook(self._logits_hook))
         prepare, generate, decode = self.model.prepare_inputs, self.model.generate, self.model.decode   # bound
 
-        def prepare_inputs(input_ids, attention_mask=None, labels=None, images=None):
-            out = prepare(input_ids, attention_mask, input_ids.clone() if labels is None else labels, images)
+        def prepare_inputs(input_ids, attention_mask=None, labels=None, images=None, **kwargs):
+            out = prepare(input_ids, attention_mask, input_ids.clone() if labels is None else labels, images, **kwargs)
             self.prompt_ids, self.prompt_mask, self.images = out['labels'].cpu(), out['attention_mask'], images
             if self.prompt_mask is None: self.prompt_mask = torch.ones_like(self.prompt_ids)
             self.prompt_mask = self.prompt_mask.cpu().bool()
