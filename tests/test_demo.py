@@ -22,7 +22,7 @@ def test_demo_fast(tmp_path):
 
 
 def test_demo_fast_on_the_2025_stack(tmp_path):
-    "The same job on a SmolVLM-like toy: Qwen3 + SigLIP2 NaFlex + pixel shuffle (36 patches -> 9 tokens a picture)."
+    "The same job on 2025-26 parts: Qwen3 + SigLIP2 NaFlex + pixel shuffle (36 patches -> 9 tokens a picture)."
     out = tmp_path / 'demo'
     r = subprocess.run(['tinyllava-nb', 'demo', '--fast', '--llm', 'qwen3', '--vision', 'siglip2', '--connector',
                         'pixel_shuffle2x_mlp', '--output-dir', str(out)], capture_output=True, text=True, timeout=900,

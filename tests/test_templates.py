@@ -59,3 +59,14 @@ def test_labels_equal_offsets_reference(family):
             ids, labels = tokenize_spans(text, spans, tok)
             ref_ids, ref_labels = offsets_reference(text, spans, tok)
             assert ids.tolist() == ref_ids.tolist() and labels.tolist() == ref_labels.tolist(), (name, text, spans)
+
+
+def test_chat_template_refuses_an_answer_it_would_not_train():
+    "A Jinja template that writes nothing after an answer: an empty answer would train nothing, so it is refused."
+    from tinyllava_nb.data.template import ChatTemplate, SampleError
+    tok = toy_tokenizer('qwen3')
+    tok.chat_template = "{% for m in messages %}{{ m.role + ': ' + m.content }}{% endfor %}"
+    with pytest.raises(SampleError, match='writes nothing after it'):
+        ChatTemplate().encode([{'from': 'human', 'value': 'Hi'}, {'from': 'gpt', 'value': ''}], tok)
+    enc = ChatTemplate().encode([{'from': 'human', 'value': 'Hi'}, {'from': 'gpt', 'value': 'Yo'}], tok)
+    assert tok.decode(enc['labels'][enc['labels'] != -100]) == 'Yo'

@@ -86,7 +86,7 @@ def test_tower_resolution(tmp_path):
 
 VIT = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                              intermediate_size=64)
-CNN = transformers.ConvNextConfig(image_size=32, patch_size=4, hidden_sizes=[16, 32], depths=[1, 1], num_stages=2)
+CNN = transformers.ConvNextV2Config(image_size=32, patch_size=4, hidden_sizes=[16, 32], depths=[1, 1], num_stages=2)   # no tutorial registers it
 
 def test_auto_tower_vit():
     assert vision_tower_name('x', VIT) == 'auto'
@@ -203,3 +203,12 @@ def test_naflex_packing_equals_padding(connector):
         batch = DataCollatorForSupervisedDataset(tok, packing=packing)(samples)
         losses.append(model(**batch).loss)
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+
+def test_auto_tower_only_for_image_models_and_any_image_size():
+    "An LLM's config given as the vision tower is refused by name; Hiera's (height, width) image_size works."
+    llama = transformers.LlamaConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=8)
+    with pytest.raises(ValueError, match="model_type 'llama' .* not an image model"):
+        vision_tower_name('an-llm', llama)
+    hiera = transformers.HieraConfig(embed_dim=8, num_heads=[1, 1, 1, 1], depths=[1, 1, 1, 1])
+    assert vision_tower_name('hiera', hiera) == 'auto' and vision_towers['auto'](hiera).num_tokens() == 49

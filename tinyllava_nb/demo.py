@@ -59,7 +59,7 @@ def check_demo_args(output_dir, llm: str, vision: str, connector: str, overwrite
     connectors[connector_name(connector)]
     if connector in ('identity', 'mof_mlp'):
         raise ValueError(f"connector {connector!r} does not fit the demo's parts; "
-                         "try mlp2x_gelu, linear, resampler or qformer")
+                         "try mlp2x_gelu, linear, pixel_shuffle2x_mlp, resampler or qformer")
     if (Path(output_dir) / 'metrics.json').exists() and not overwrite:
         raise ValueError(f"{output_dir} already holds demo results (metrics.json): pass --overwrite to replace them, "
                          "or choose another --output-dir")

@@ -67,7 +67,8 @@ def generate_batch(model, tokenizer, prompts: list, images: list, streamer=None,
                    eos_token_id=None,   # the ids to stop at (`stop_ids_of`); default: the LLM's
                    **gen) -> list:
     ("Answers (decoded, stripped) for prompt id tensors and their images, in one left-padded batch; a prompt's images "
-     "are None, one image [3, H, W], a tensor of slots [n, ...] or a list of slots (`ImagePreprocess.slots`).")
+     "are None, one image [3, H, W], a tensor of slots [n, ...] or a list of slots (`ImagePreprocess.slots`; "
+     "`question_inputs` makes them: an anyres or split image is several slots).")
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -120,7 +121,8 @@ def chat_turn(model, tokenizer, image_processor, image, question: str, history: 
     "(answer, history + this turn) for the next question of a conversation about `image` (a list, or none)."
     answer = chat(model, tokenizer, image_processor, image, question, conv_version, list(history),
                   max_new_tokens=max_new_tokens)
-    first = image is not None and not history and DEFAULT_IMAGE_TOKEN not in question
+    images = image if isinstance(image, (list, tuple)) else [] if image is None else [image]
+    first = bool(images) and not history and DEFAULT_IMAGE_TOKEN not in question
     return answer, list(history) + [(DEFAULT_IMAGE_TOKEN + '\n' + question if first else question, answer)]
 
 # %% ../nbs/40_infer.ipynb #1efd23b0

@@ -236,7 +236,7 @@ def toy_vision_config(family: str, image_size: int = 32, patch_size: int = 8, hi
     return getattr(transformers, toy_vision[family].config)(**{**cfg, **kwargs})
 
 def toy_image_processor(family: str, image_size: int = 32, patch_size: int = 8):
-    "The image processor of the vision `family`, producing `image_size` squares (PIL backend: no torchvision)."
+    "The image processor of the vision `family` for `image_size` squares (NaFlex: as many patches); PIL backend."
     spec = toy_vision[family]
     cls = getattr(transformers, spec.processor + 'Pil', None) or getattr(transformers, spec.processor)
     if spec.naflex: return cls(patch_size=patch_size, max_num_patches=(image_size // patch_size) ** 2)

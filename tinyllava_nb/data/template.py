@@ -157,7 +157,7 @@ class Qwen2InstructTemplate(Template):
 @register_template('chatml')
 @dataclass
 class ChatMLTemplate(Template):
-    "ChatML: Qwen2.5-Instruct, Qwen3, SmolLM2."
+    "ChatML: Qwen2.5-Instruct, SmolLM2, Qwen3 (whose own template adds an empty think block: `chat_template`)."
     format_user: Formatter = Formatter("<|im_start|>user\n{{content}}<|im_end|>\n")
     format_assistant: Formatter = Formatter("<|im_start|>assistant\n{{content}}<|im_end|>\n")
     system: Formatter = Formatter(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n")
@@ -175,7 +175,7 @@ class Llama3Template(Template):
 @register_template('phi3')
 @dataclass
 class Phi3Template(Template):
-    "Phi-3, Phi-3.5 and Phi-4-mini."
+    "Phi-3 and Phi-3.5 (Phi-4-mini writes the same tokens without the newlines: use `chat_template`)."
     format_user: Formatter = Formatter("<|user|>\n{{content}}<|end|>\n")
     format_assistant: Formatter = Formatter("<|assistant|>\n{{content}}<|end|>\n")
     system: Formatter = Formatter(f"<|system|>\n{SYSTEM}<|end|>\n")
@@ -325,7 +325,7 @@ def trained_runs(labels: torch.Tensor) -> list:
     return runs + ([cur] if cur else [])
 
 # %% ../../nbs/10_data.template.ipynb #487351c0
-_MARKER = re.compile(r'<\|[^|<>\s]+\|>|</?[a-z_]+>')            # <|im_end|>, </s>, <eos>, <end_of_turn>, ...
+_MARKER = re.compile(r'<[|｜][^<>\s]+?[|｜]>|</?[a-z_]+>')       # <|im_end|>, </s>, <eos>, DeepSeek's <｜...｜>
 
 def _has_token(tokenizer, text: str) -> bool:
     "Is `text` one token of `tokenizer` (not mapped to its unknown token)?"
@@ -356,16 +356,18 @@ def stop_ids(template: Template, tokenizer) -> list:
 _STAND_IN = re.compile('\ue000(\\d+)\ue001')                       # where answer k goes, while rendering
 
 def _trims(text: str) -> list:
-    "`text` and every version of it with some of its leading or trailing whitespace removed, longest first."
-    lead, trail = len(text) - len(text.lstrip()), len(text) - len(text.rstrip())
-    found = {text[a:len(text) - b] for a in range(lead + 1) for b in range(trail + 1) if a + b <= len(text)}
+    "`text` as a chat template may show it: whole, or spaces or newlines stripped at either end; longest first."
+    found = {f(text, chars) for f in (str.strip, str.lstrip, str.rstrip) for chars in (None, '\n')} | {text}
     return sorted(found, key=lambda t: (-len(t), t))
 
 def _token_boundary(text: str, k: int, tokenizer) -> int:
     "The largest cut at or before `k` that is not inside one of the tokenizer's added tokens (`<|endoftext|>`)."
-    for token in tokenizer.get_added_vocab():
-        for m in re.finditer(re.escape(token), text[:k + len(token)]):
-            if m.start() < k < m.end(): k = m.start()
+    tokens, moved = list(tokenizer.get_added_vocab()), True
+    while moved:                                        # until no token straddles k (a move may land inside another)
+        moved = False
+        for token in tokens:
+            for m in re.finditer(re.escape(token), text[:k + len(token)]):
+                if m.start() < k < m.end(): k, moved = m.start(), True
     return k
 
 # %% ../../nbs/10_data.template.ipynb #a2407dea
@@ -412,6 +414,9 @@ class ChatTemplate(Template):
             if shown is None: break
             if answers[k] is None: return text[:pos], spans
             eot = len(after) if last else _token_boundary(ends, len(os.path.commonprefix([after, ends])), tokenizer)
+            if not shown and not eot:
+                raise SampleError("chat template", f"answer {k} is empty and the chat template writes nothing after "
+                                                   "it: nothing of it could be trained")
             spans.append((pos, pos + len(shown) + eot))
             pos += len(shown)
         else: return text, spans

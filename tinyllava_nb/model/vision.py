@@ -16,6 +16,7 @@ from torch import nn
 import transformers
 from transformers import AutoConfig, AutoImageProcessor
 from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_MAPPING_NAMES
 
 from ..registry import Registry
 
@@ -170,9 +171,9 @@ def vision_tower_name(name_or_path: str, vision_config=None) -> str:
     kind = vision_config.model_type
     matches = [n for n in vision_towers if n not in ('mof', 'auto') and vision_towers[n].model_type == kind]
     if matches: return matches[0]
-    if type(vision_config) in transformers.MODEL_MAPPING: return 'auto'
-    raise ValueError(f"no vision tower for model_type {kind!r} (of {name_or_path!r}), and transformers' AutoModel "
-                     f"builds none; registered towers: {', '.join(vision_towers.names())}")
+    if kind in MODEL_FOR_IMAGE_MAPPING_NAMES: return 'auto'                    # an image model transformers knows
+    raise ValueError(f"no vision tower for model_type {kind!r} (of {name_or_path!r}), and it is not an image model "
+                     f"of transformers' AutoModel; registered towers: {', '.join(vision_towers.names())}")
 
 def vision_config_of(name_or_path: str):
     "The vision config in a directory or hub name (the `vision_config` of a full CLIP/SigLIP checkpoint)."
@@ -271,7 +272,9 @@ class AutoVisionTower(VisionTower):
         return getattr(cfg, 'hidden_size', None) or cfg.hidden_sizes[-1]                 # a CNN: its last stage's
 
     @classmethod
-    def input_size(cls, config) -> int: return getattr(config, 'image_size', None) or 224   # ResNets store none
+    def input_size(cls, config) -> int:
+        s = getattr(config, 'image_size', None) or 224                               # ResNets store none
+        return s if isinstance(s, int) else s[0]                                    # (height, width): Hiera
 
     @classmethod
     def processor_for(cls, config, size: int = None, resize: int = None):
