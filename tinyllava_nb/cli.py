@@ -123,6 +123,23 @@ for _name, _cmd in {
     'merge-lora': Command("merge a LoRA run into a plain model directory", _merge_args, _merge_run),
 }.items(): commands.register(_name, _cmd)
 
+# %% ../nbs/90_cli.ipynb #38feae7f
+def _plan_run(argv):
+    import argparse
+    from tinyllava_nb.train.plan import GPU_MEMORY_GB, format_plan, plan
+    p = argparse.ArgumentParser(prog='tinyllava-nb plan', description="plan a training run: CONFIG.yaml [overrides]")
+    p.add_argument('--gpus', type=int, default=8, help="GPUs in the run (default: 8)")
+    p.add_argument('--gpu', default='h100', choices=sorted(GPU_MEMORY_GB),
+                   help="the GPU (its bf16 peak; default: h100)")
+    p.add_argument('--gpu-memory', type=float, default=None, help="GB per GPU (default: the GPU's common size)")
+    p.add_argument('--mfu', type=float, default=0.35, help="model FLOPs utilisation the hours assume (default: 0.35)")
+    p.add_argument('--samples', type=int, default=None, help="samples, when the data file is not at hand")
+    args, rest = p.parse_known_args(argv)
+    print(format_plan(plan(rest, args.gpus, args.gpu, args.gpu_memory, args.mfu, args.samples)))
+
+_ = commands.register('plan', Command("plan a training run before renting GPUs: parameters, memory per GPU, tokens, "
+                                      "FLOPs, hours (offline)", None, _plan_run))
+
 # %% ../nbs/90_cli.ipynb #1ce186c9
 def _model_args(p):
     p.add_argument('--model-path', required=True, help="a TinyLLaVA directory (ours, TinyLLaVA Factory's, a LoRA run)")

@@ -1,0 +1,65 @@
+"`plan`: exact parameter counts of published combinations, DeepSpeed's memory arithmetic, tokens as the dataset counts them."
+import os, subprocess
+from pathlib import Path
+import pytest
+from tinyllava_nb.train.plan import (count_params, largest_layer, meta_model, model_state_bytes, plan, published_config,
+                                     sample_flops, stored_configs)
+from tinyllava_nb.train.recipe import Recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+SIGLIP = 'google/siglip-so400m-patch14-384'
+
+@pytest.mark.parametrize('llm,total', [('microsoft/phi-2', 3_217_417_280),        # TinyLLaVA-Phi-2-SigLIP-"3.1B"
+                                       ('google/gemma-2b', 2_940_955_712),        # TinyLLaVA-Gemma-SigLIP-"2.4B"
+                                       ('Qwen/Qwen2-0.5B', 924_095_168)])
+def test_published_combinations_count_exactly(llm, total):
+    model = meta_model(llm, SIGLIP)
+    counts = count_params(model, Recipe(llm='full', connector='full'))
+    assert counts['all']['total'] == total
+    assert counts['vision_tower'] == dict(total=428_225_600, trainable=0)
+    h = published_config(llm).hidden_size
+    assert counts['connector']['total'] == 1152 * h + h + h * h + h          # mlp2x_gelu
+
+def test_every_shipped_config_builds_on_meta():
+    for name in stored_configs():
+        cfg = published_config(name, vision='siglip' in name)
+        assert cfg.model_type
+
+@pytest.mark.parametrize('gpus', [1, 4, 8])
+def test_model_states_are_deepspeeds_when_everything_trains(gpus):
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    model = meta_model('Qwen/Qwen2.5-0.5B', SIGLIP)
+    n, big = count_params(model)['all']['total'], largest_layer(model)
+    assert model_state_bytes(n, n, gpus, 2) == estimate_zero2_model_states_mem_needs(n, gpus, cpu_offload=False)[1]
+    assert model_state_bytes(n, n, gpus, 3, big) == estimate_zero3_model_states_mem_needs(n, big, gpus, cpu_offload=False)[1]
+    assert model_state_bytes(n, n // 2, gpus, 3, big) < model_state_bytes(n, n, gpus, 3, big)   # frozen parts: 2 bytes
+
+def test_flops_count_the_trained_parts_three_times():
+    model = meta_model('toy:qwen2', 'toy:siglip')
+    frozen, full = (count_params(model, Recipe(llm=t, connector='full')) for t in ('frozen', 'full'))
+    assert sample_flops(model, full, 50, 1) > sample_flops(model, frozen, 50, 1) > 0
+
+def test_tokens_are_the_datasets(tmp_path):
+    from tinyllava_nb.data.dataset import LazySupervisedDataset
+    from tinyllava_nb.data.image import ImagePreprocess
+    from tinyllava_nb.model.llm import load_tokenizer
+    from tinyllava_nb.world import make_world
+    world = make_world(tmp_path / 'world', n_train=16, n_eval=4)
+    p = plan([str(ROOT / 'configs/toy_pretrain.yaml'), '--data_path', str(world['finetune']), '--image_folder',
+              str(world['root']), '--conv_version', 'phi', '--output_dir', str(tmp_path / 'out')], gpus=2, gpu='l4')
+    model = meta_model('toy:phi', 'toy:siglip')
+    ds = LazySupervisedDataset(world['finetune'], load_tokenizer('toy:phi'), 'phi', world['root'],
+                               ImagePreprocess(model.vision_tower.processor_for(model.config.vision_config)),
+                               model.num_image_tokens)
+    assert (p['text_tokens'] + p['image_tokens'], p['samples']) == (sum(ds.lengths), len(ds))
+    assert p['steps_per_epoch'] == -(-len(ds) // (8 * 1 * 2)) and p['hours'] > 0
+
+def test_plan_command_offline_in_seconds():
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'DS_ACCELERATOR': 'cpu'}
+    r = subprocess.run(['tinyllava-nb', 'plan', '--gpus', '4', '--gpu', 'a100', '--gpu-memory', '40', '--samples', '665000',
+                        'configs/finetune_phi2_siglip.yaml'], cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'all             3,217,417,280   2,789,191,680' in r.stdout
+    assert 'ZeRO-0: model states   56.6 GB' in r.stdout and 'does NOT fit' in r.stdout and '<- the config' in r.stdout
+    assert 'h on 4 x a100 at 35% MFU' in r.stdout
