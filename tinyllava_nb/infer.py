@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from fastcore.basics import listify
 
 from .data.dataset import concat_images
 from .data.image import ImagePreprocess, image_size, split_image_text, to_rgb
@@ -25,8 +26,7 @@ def conv_version_of(model, tokenizer=None) -> str:
 
 def stop_ids_of(model, tokenizer, conv_version: str) -> list:
     "The ids generation stops at: the LLM's end-of-sequence ids and the special tokens that end the template's answers."
-    eos = model.language_model.generation_config.eos_token_id
-    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    eos = listify(model.language_model.generation_config.eos_token_id)   # None, an id or a list
     return sorted(set(eos) | set(stop_ids(TemplateFactory(conv_version)(), tokenizer)))
 
 def encode_question(question: str, tokenizer, conv_version: str, has_image: bool = True, history: list = (),

@@ -346,10 +346,8 @@ def check_pairing(template: Template, tokenizer) -> None:
 # %% ../../nbs/10_data.template.ipynb #a199e5a2
 def stop_ids(template: Template, tokenizer) -> list:
     "Ids of the special tokens that end an answer in `template` (`<|im_end|>`, `<|end|>`): generation stops at them."
-    if isinstance(template, ChatTemplate):
-        text, spans = template.render(['Hi'], ['Hello'], tokenizer)
-        tail = text[spans[0][0]:spans[0][1]].split('Hello', 1)[-1]
-    else: tail = template.format_assistant.tail or ''
+    text, spans = template.render(['Hi'], ['Hello'], tokenizer)        # every template, its own or hand-written
+    tail = text[spans[0][0]:spans[0][1]].split('Hello', 1)[-1]         # what it trains after an answer
     return [tokenizer.convert_tokens_to_ids(m) for m in _MARKER.findall(tail) if _has_token(tokenizer, m)]
 
 # %% ../../nbs/10_data.template.ipynb #88c0f5db
