@@ -63,3 +63,24 @@ def test_plan_command_offline_in_seconds():
     assert 'all             3,217,417,280   2,789,191,680' in r.stdout
     assert 'ZeRO-0: model states   56.6 GB' in r.stdout and 'does NOT fit' in r.stdout and '<- the config' in r.stdout
     assert 'h on 4 x a100 at 35% MFU' in r.stdout
+
+def test_stated_text_tokens_and_fsdp():
+    "Without the data file: --text-tokens per sample (activations still at model_max_length); FSDP plans as ZeRO-3."
+    cfg = str(ROOT / 'configs/finetune_phi2_siglip.yaml')
+    bound = plan([cfg], gpus=4, gpu='a100', samples=1000)
+    stated = plan([cfg], gpus=4, gpu='a100', samples=1000, text_tokens=200)
+    assert stated['text_tokens'] == 200 * 1000 and stated['image_tokens'] == 728 * 1000      # 'patch': 27² - 1
+    assert bound['text_tokens'] == (2048 - 728) * 1000 and stated['activations'] == bound['activations']
+    assert stated['flops'] < bound['flops'] and stated['hours'] / stated['flops'] == pytest.approx(bound['hours'] / bound['flops'])
+    fsdp = plan([cfg, str(ROOT / 'configs/fsdp.yaml')], gpus=4, gpu='a100', samples=1000, text_tokens=200)
+    assert (fsdp['zero_stage'], fsdp['activations'], fsdp['flops']) == (3, stated['activations'], stated['flops'])
+    no_reshard = plan([cfg, '--fsdp', '--fsdp_config', '{"reshard_after_forward": false}', '--deepspeed', ''], gpus=4)
+    assert no_reshard['zero_stage'] == 2
+
+def test_tinyllava_reported_hours_imply_one_mfu_across_llms():
+    "TinyLLaVA's stage-2 hours (issue #67) at 200 text tokens a sample: the implied MFUs agree within a few points."
+    cfg, reported = str(ROOT / 'configs/finetune_phi2_siglip.yaml'), {'TinyLlama/TinyLlama-1.1B-Chat-v1.0': 6.5,
+                                                                      'microsoft/phi-2': 14}
+    mfu = [plan([cfg, '--model_name_or_path', llm], gpus=4, gpu='a100', mfu=1.0, samples=665_298,
+                text_tokens=200)['hours'] / h for llm, h in reported.items()]
+    assert all(0.12 < m < 0.25 for m in mfu) and abs(mfu[0] - mfu[1]) < 0.03, mfu

@@ -59,9 +59,9 @@ DS_SCRIPT = textwrap.dedent('''
     from test_train import fixed_batch
     data = {k: __import__('pathlib').Path(v) for k, v in json.loads(sys.argv[2]).items()}
     trainer = main(sys.argv[3:])
-    assert trainer.is_deepspeed_enabled, 'DeepSpeed was silently dropped'
+    assert trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled, 'DeepSpeed (or FSDP) was silently dropped'
     batch = fixed_batch(trainer.model, trainer.processing_class, data)
-    engine = trainer.model_wrapped                 # under ZeRO-3 its forward gathers the partitioned weights
+    engine = trainer.model_wrapped                 # under ZeRO-3 / FSDP its forward gathers the sharded weights
     engine.eval()
     with torch.no_grad(): logits = engine(**batch).logits
     if trainer.is_world_process_zero(): torch.save(logits, os.path.join(trainer.args.output_dir, 'final_logits.pt'))

@@ -105,10 +105,13 @@ def sample_flops(model, counts: dict, text_tokens, images):
                                          + connector * (3 if trains('connector') else 1)))
 
 # %% ../../nbs/33_train.plan.ipynb #5beebcc2
-def _zero_stage(deepspeed) -> int:
-    "The ZeRO stage of a DeepSpeed config file (or dict); 0 without one."
-    if not deepspeed: return 0
-    cfg = deepspeed if isinstance(deepspeed, dict) else json.loads(Path(deepspeed).read_text())
+def _zero_stage(t) -> int:
+    "A run's ZeRO stage (its DeepSpeed file), or the stage FSDP's sharding matches; 0 with neither."
+    if t.fsdp:                                              # full_shard gathers weights per layer, as ZeRO-3 does
+        r = t.fsdp_plugin_args.get('reshard_after_forward', True)
+        return 3 if r is True or str(r).upper() == 'FULL_SHARD' else 2
+    if not t.deepspeed: return 0
+    cfg = t.deepspeed if isinstance(t.deepspeed, dict) else json.loads(Path(t.deepspeed).read_text())
     return int(cfg.get('zero_optimization', {}).get('stage', 0))
 
 def _run_model(m, t):
@@ -142,23 +145,25 @@ def data_tokens(m, d, model) -> tuple:
 # %% ../../nbs/33_train.plan.ipynb #b0670c43
 GPU_MEMORY_GB = dict(a100=80, h100=80, h200=141, a10=24, l4=24, rtx4090=24)   # the common size of each
 
-def _tokens(m, d, model, samples):
-    "(text tokens, images) per sample after truncation, and where they come from."
+def _tokens(m, d, model, samples, text_tokens):
+    "((text tokens, images) per sample after truncation, where they come from, the longest sample if counted)."
     import numpy as np
     found, k = data_tokens(m, d, model), model.num_image_tokens
-    if found is None:                                          # every sample as long as allowed, with one image
-        if not samples: return None, "no data file and tokenizer at hand, and no --samples"
-        text, images = np.full(samples, m.model_max_length - k), np.ones(samples, dtype=int)
-        source = f"{samples:,} samples assumed {m.model_max_length} tokens each, one image (an upper bound)"
+    if found is None:                                          # assumed: one image each, text as stated or at most
+        if not samples: return None, "no data file and tokenizer at hand, and no --samples", None
+        text, images = np.full(samples, text_tokens or m.model_max_length - k), np.ones(samples, dtype=int)
+        source = (f"{samples:,} samples assumed {text_tokens} text tokens + one image each" if text_tokens else
+                  f"{samples:,} samples assumed {m.model_max_length} tokens each, one image (an upper bound)")
     else: (text, images), source = found, f"{d.data_path} ({len(found[0]):,} samples)"
     seq = np.minimum(text + images * k, m.model_max_length)
-    return (seq - images * k, images), source
+    return (seq - images * k, images), source, int(seq.max()) if found is not None else None
 
 def plan(argv: list,                 # a training config and overrides, as `tinyllava-nb train` takes them
          gpus: int = 8, gpu: str = 'h100',
          gpu_memory: float = None,   # GB per GPU (default: the GPU's common size)
-         mfu: float = 0.35,          # the model FLOPs utilisation the hours assume
+         mfu: float = 0.2,           # the model FLOPs utilisation the hours assume (TinyLLaVA's runs: 15-25 %)
          samples: int = None,        # without the data file: how many samples (each counted at model_max_length)
+         text_tokens: int = None,    # without the data file: text tokens per sample (default: model_max_length's)
         ) -> dict:
     "Parameters, memory per GPU, tokens, FLOPs and hours of a training run, computed offline on the meta device."
     from tinyllava_nb.train.run import parse_args
@@ -168,12 +173,13 @@ def plan(argv: list,                 # a training config and overrides, as `tiny
     counts = count_params(_run_model(m, t), recipe)               # (LoRA wraps its model: count on a copy)
     total, trained, micro = counts['all']['total'], counts['all']['trainable'], t.per_device_train_batch_size
     states = {s: model_state_bytes(total, trained, gpus, s, largest_layer(model)) for s in (0, 2, 3)}
-    out = dict(params=counts, zero_stage=_zero_stage(t.deepspeed), gpus=gpus, gpu=gpu, mfu=mfu,
+    out = dict(params=counts, zero_stage=_zero_stage(t), gpus=gpus, gpu=gpu, mfu=mfu,
                gpu_memory=(gpu_memory or GPU_MEMORY_GB[gpu]) * 1e9, model_states=states)
-    tokens, out['tokens_from'] = _tokens(m, d, model, samples)
-    seq = m.model_max_length if tokens is None else int((tokens[0] + tokens[1] * model.num_image_tokens).max())
+    tokens, out['tokens_from'], longest = _tokens(m, d, model, samples, text_tokens)
+    seq = longest or m.model_max_length                               # assumed lengths: a sample may reach the limit
     fused = (m.attn_implementation or 'sdpa') != 'eager'            # SDPA / FlashAttention keep no attention matrix
-    out['activations'] = activation_bytes(model.config.text_config, seq, micro, t.gradient_checkpointing, fused)
+    checkpointing = t.gradient_checkpointing or t.fsdp and t.fsdp_plugin_args.get('activation_checkpointing', False)
+    out['activations'] = activation_bytes(model.config.text_config, seq, micro, checkpointing, fused)
     out['fits'] = {s: b + out['activations'] <= out['gpu_memory'] for s, b in states.items()}
     if tokens is None: return out
     text, images = tokens

@@ -8,7 +8,7 @@ __all__ = ['MODEL_FILES', 'LOCK_FILE', 'ModelArguments', 'DataArguments', 'parse
            'main']
 
 # %% ../../nbs/32_train.run.ipynb #e07d8696
-import shutil, sys
+import json, shutil, sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from difflib import get_close_matches
@@ -69,15 +69,17 @@ class DataArguments:
                              metadata={'help': 'decode every image and encode every sample before training'})
 
 # %% ../../nbs/32_train.run.ipynb #288eefb2
-def _yaml_to_argv(path) -> list:
-    "A YAML mapping as command-line flags."
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    argv = []
-    for k, v in data.items():
-        if v is None: continue
-        vals = v if isinstance(v, list) else [v]
-        argv += [f'--{k}'] + [str(x).lower() if isinstance(x, bool) else str(x) for x in vals]
-    return argv
+def _flag_values(action, v) -> list:
+    "A YAML value as a flag's values: a mapping as JSON (`--fsdp_config {...}`), `true` alone where the flag is so."
+    if v is True and action is not None and action.nargs == '?' and action.const is True: return []   # `--fsdp`
+    return [json.dumps(x) if isinstance(x, dict) else str(x).lower() if isinstance(x, bool) else str(x)
+            for x in (v if isinstance(v, list) else [v])]
+
+def _yaml_to_argv(parser, *paths) -> list:
+    "YAML mappings as `parser`'s flags; a later file's key replaces an earlier one's, and `null` removes it."
+    data, actions = {}, parser._option_string_actions
+    for p in paths: data.update(yaml.safe_load(Path(p).read_text()) or {})
+    return [a for k, v in data.items() if v is not None for a in [f'--{k}', *_flag_values(actions.get(f'--{k}'), v)]]
 
 def _unknown(parser, rest: list) -> str:
     "The error for flags `parser` does not know, each with the nearest known name."
@@ -87,10 +89,11 @@ def _unknown(parser, rest: list) -> str:
     return f"unknown argument {', '.join(flags) or ' '.join(rest)}: flags are exact names (see --help)"
 
 def parse_args(argv: list = None) -> tuple:
-    "(ModelArguments, DataArguments, TrainingArguments) from `[config.yaml] [--flag value ...]`."
+    "(ModelArguments, DataArguments, TrainingArguments) from `[config.yaml ...] [--flag value ...]`."
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].endswith(('.yaml', '.yml')): argv = _yaml_to_argv(argv[0]) + argv[1:]
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), allow_abbrev=False)
+    n = next((i for i, a in enumerate(argv) if not a.endswith(('.yaml', '.yml'))), len(argv))   # leading YAMLs
+    argv = _yaml_to_argv(parser, *argv[:n]) + argv[n:]
     *args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest: raise ValueError(_unknown(parser, rest))
     return tuple(args)
@@ -115,6 +118,12 @@ def check_args(m: ModelArguments, d: DataArguments, t: TrainingArguments) -> Rec
         raise ValueError(f"pretrained_model_path {t.pretrained_model_path} holds no model (no config.json)")
     if isinstance(t.deepspeed, str) and not Path(t.deepspeed).is_file():
         raise ValueError(f"deepspeed config {t.deepspeed} does not exist")
+    if t.fsdp and t.deepspeed:
+        raise ValueError("fsdp and deepspeed are both set: choose one (in a YAML given later, `deepspeed: null` "
+                         "removes the first config's)")
+    if t.fsdp and recipe.llm == 'qlora':
+        raise ValueError("tune_type_llm='qlora' does not run under fsdp here (its 4-bit weights are not sharded): "
+                         "use 'lora' with fsdp, or qlora without it")
     out = Path(t.output_dir)
     blocker = next(p for p in (out, *out.parents) if p.exists())
     if not blocker.is_dir():
@@ -254,7 +263,7 @@ def build_model(m: ModelArguments, t: TrainingArguments) -> tuple:
     if t.pretrained_model_path:
         model, tok, proc = load_pretrained(t.pretrained_model_path, trust_remote_code=m.trust_remote_code)
         if quant is not None: _load_llm(model, None, quant, m.trust_remote_code)
-        return model.train(), tok, proc
+        return _in_float32(model, quant), tok, proc
     text_config, tok, llm_toy = _text_parts(m)
     vision_config, vision_config2, proc, vis_toy = _vision_parts(m)
     config = _model_config(m, text_config, tok, llm_toy, vision_config, vision_config2, vis_toy)
@@ -264,7 +273,12 @@ def build_model(m: ModelArguments, t: TrainingArguments) -> tuple:
         _load_llm(model, None if llm_toy else m.model_name_or_path, quant, m.trust_remote_code)
     if not vis_toy: model.vision_tower.load(split_vision_path(m.vision_tower)[1], m.vision_tower2 or None)
     model.vision_tower.image_processor = proc
-    return model, tok, proc
+    return _in_float32(model, quant), tok, proc
+
+def _in_float32(model, quant):
+    "The model, training, with 32-bit weights (a 4-bit LLM stays 4-bit): mixed precision computes from these."
+    for part in ((model.vision_tower, model.connector) if quant is not None else (model,)): part.float()
+    return model.train()
 
 def _load_llm(model, path, quant, trust_remote_code: bool = False):
     "Load the LLM's weights from `path` (or re-read the model's own, to quantize them)."
