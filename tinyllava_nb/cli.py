@@ -132,10 +132,13 @@ def _plan_run(argv):
     p.add_argument('--gpu', default='h100', choices=sorted(GPU_MEMORY_GB),
                    help="the GPU (its bf16 peak; default: h100)")
     p.add_argument('--gpu-memory', type=float, default=None, help="GB per GPU (default: the GPU's common size)")
-    p.add_argument('--mfu', type=float, default=0.35, help="model FLOPs utilisation the hours assume (default: 0.35)")
+    p.add_argument('--mfu', type=float, default=0.2, help="model FLOPs utilisation the hours assume (default: 0.2, "
+                   "TinyLLaVA's published runs)")
     p.add_argument('--samples', type=int, default=None, help="samples, when the data file is not at hand")
+    p.add_argument('--text-tokens', type=int, default=None,
+                   help="text tokens a sample, when the data file is not at hand (default: as many as fit)")
     args, rest = p.parse_known_args(argv)
-    print(format_plan(plan(rest, args.gpus, args.gpu, args.gpu_memory, args.mfu, args.samples)))
+    print(format_plan(plan(rest, args.gpus, args.gpu, args.gpu_memory, args.mfu, args.samples, args.text_tokens)))
 
 _ = commands.register('plan', Command("plan a training run before renting GPUs: parameters, memory per GPU, tokens, "
                                       "FLOPs, hours (offline)", None, _plan_run))
@@ -279,12 +282,33 @@ def _world_run(args):
 def _speed_args(p):
     p.add_argument('--quick', action='store_true', help="the quick sizes (about a minute on 2 cores; default: full)")
     p.add_argument('--size', choices=['tiny', 'quick', 'full'], default=None, help="tiny: correctness only, seconds")
-    p.add_argument('--output', default='bench/results.json', help="where to write the table as JSON")
+    p.add_argument('--output', default=None, help="where to write the table as JSON (default: bench/results.json; "
+                   "with --gpu, bench/results_gpu.json)")
+    g = p.add_argument_group('GPU benchmark', "training steps at real size, random weights: TinyLlavaTrainer, "
+                            "DeepSpeed ZeRO-2, bf16, one process (needs a CUDA GPU)")
+    g.add_argument('--gpu', action='store_true', help="tokens/s, MFU and peak memory against plan's estimate")
+    g.add_argument('--config', action='append', metavar='NAME', help="qwen2-0.5b or phi-2 (repeatable; default: both)")
+    g.add_argument('--steps', type=int, help="timed steps per row (default 5, after 2 warm-up steps)")
+    g.add_argument('--warmup', type=int, help="untimed steps per row (default 2)")
+    g.add_argument('--batch', type=int, help="samples per step (default: the setup's, 8 or 4)")
+    g.add_argument('--seq', type=int, help="the longest sample in tokens (default 2048)")
+    g.add_argument('--gpu-name', help="the GPU's peak for MFU (default: from its CUDA name): a100, h100, h200, ...")
+
+_GPU_ONLY = dict(config='setups', steps='steps', warmup='warmup', batch='batch', seq='seq', gpu_name='gpu')
 
 def _speed_run(args):
-    from tinyllava_nb.bench import run_bench
-    run_bench(args.size or ('quick' if args.quick else 'full'), args.output)
-    print(f"written: {args.output}")
+    flags = [k for k in _GPU_ONLY if getattr(args, k) is not None]          # --gpu's own flags the user gave
+    if args.gpu:
+        if args.quick or args.size: raise ValueError("--quick and --size choose the CPU benchmarks' sizes, not --gpu's")
+        from tinyllava_nb.bench import run_gpu_bench
+        output = args.output or 'bench/results_gpu.json'
+        run_gpu_bench(output=output, **{_GPU_ONLY[k]: getattr(args, k) for k in flags})
+    else:
+        if flags: raise ValueError(f"{', '.join('--' + k.replace('_', '-') for k in flags)} only apply with --gpu")
+        from tinyllava_nb.bench import run_bench
+        output = args.output or 'bench/results.json'
+        run_bench(args.size or ('quick' if args.quick else 'full'), output)
+    print(f"written: {output}")
 
 for _name, _cmd in {
     'demo': Command("the main job: train a tiny LLaVA on the shapes world on this CPU, evaluate it, write pictures",
