@@ -70,7 +70,7 @@ def test_fsdp_checkpoints_resume(data, tmp_path):
     common = RECIPES['full'] + ['--output_dir', str(out), '--save_strategy', 'steps', '--save_steps', '2']
     run_fsdp(tmp_path, data, *common, '--max_steps', '4')
     assert sorted(p.name for p in out.glob('checkpoint-*')) == ['checkpoint-2', 'checkpoint-4']
-    assert (out / 'checkpoint-4' / 'model.safetensors').exists() and (out / 'checkpoint-4' / 'optimizer.bin').exists()
+    assert all((out / 'checkpoint-4' / f).exists() for f in ('model.safetensors', 'pytorch_model_fsdp.bin', 'optimizer.bin'))
     r = run_fsdp(tmp_path, data, *common, '--max_steps', '6', '--resume_from_checkpoint', 'auto')
     assert f'resuming from {out / "checkpoint-4"}' in r.stdout and len(losses(out)) == 6
 

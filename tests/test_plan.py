@@ -72,16 +72,17 @@ def test_stated_text_tokens_and_fsdp():
     assert stated['text_tokens'] == 200 * 1000 and stated['image_tokens'] == 728 * 1000      # 'patch': 27² - 1
     assert bound['text_tokens'] == (2048 - 728) * 1000 and stated['activations'] == bound['activations']
     assert stated['flops'] < bound['flops']
-    assert stated['hours'] / stated['flops'] == pytest.approx(bound['hours'] / bound['flops'])
+    assert stated['hours'] == pytest.approx(stated['flops'] / (4 * 312e12 * 0.2 * 3600))   # at 20 % of 4 A100s
     fsdp = plan([cfg, str(ROOT / 'configs/fsdp.yaml')], gpus=4, gpu='a100', samples=1000, text_tokens=200)
     assert (fsdp['zero_stage'], fsdp['activations'], fsdp['flops']) == (3, stated['activations'], stated['flops'])
     no_reshard = plan([cfg, '--fsdp', '--fsdp_config', '{"reshard_after_forward": false}', '--deepspeed', ''], gpus=4)
     assert no_reshard['zero_stage'] == 2
 
 def test_tinyllava_reported_hours_imply_one_mfu_across_llms():
-    "TinyLLaVA's stage-2 hours (issue #67) at 200 text tokens a sample: the implied MFUs agree within a few points."
-    cfg, reported = str(ROOT / 'configs/finetune_phi2_siglip.yaml'), {'TinyLlama/TinyLlama-1.1B-Chat-v1.0': 6.5,
-                                                                      'microsoft/phi-2': 14}
+    "TinyLLaVA's stage-2 hours at 200 text tokens a sample: the implied MFUs agree within a few points."
+    cfg = str(ROOT / 'configs/finetune_phi2_siglip.yaml')
+    reported = {'TinyLlama/TinyLlama-1.1B-Chat-v1.0': 6.5, 'microsoft/phi-2': 14}   # hours on 4 x A100-40G, from
+    # https://github.com/TinyLLaVA/TinyLLaVA_Factory/issues/67
     mfu = [plan([cfg, '--model_name_or_path', llm], gpus=4, gpu='a100', mfu=1.0, samples=665_298,
                 text_tokens=200)['hours'] / h for llm, h in reported.items()]
     assert all(0.12 < m < 0.25 for m in mfu) and abs(mfu[0] - mfu[1]) < 0.03, mfu

@@ -86,6 +86,25 @@ def test_deepspeed_two_processes(stage, data, tmp_path):
     with torch.no_grad(): logits = model(**fixed_batch(model, tok, data)).logits
     torch.testing.assert_close(logits, torch.load(out / 'final_logits.pt'), atol=1e-4, rtol=1e-4)
 
+def test_zero3_continues_a_saved_stage(data, tmp_path):
+    "Stage 2 from stage 1's folder under ZeRO-3 (the published configs' path): the weights load inside zero.Init."
+    common = ['--data_path', str(data['finetune']), '--image_folder', str(data['root']), '--conv_version', 'phi',
+              '--image_aspect_ratio', 'pad', '--tune_type_llm', 'full', '--learning_rate', '3e-3'] + QUIET
+    train(*parse_args(common + ['--max_steps', '3', '--output_dir', str(tmp_path / 'pre')]))
+    stage2 = ['--pretrained_model_path', str(tmp_path / 'pre'), '--max_steps', '1']
+    one = losses(train(*parse_args(common + stage2 + ['--output_dir', str(tmp_path / 'one')])).args.output_dir)
+    # accelerate starts DeepSpeed's process group for GPU processes only; zero.Init (in from_pretrained) needs it
+    script = tmp_path / 'ds_train.py'
+    script.write_text("import deepspeed; deepspeed.init_distributed(dist_backend='gloo')\n" + DS_SCRIPT)
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != 'ACCELERATE_USE_CPU'} | {'OMP_NUM_THREADS': '1'}
+    r = subprocess.run(['torchrun', '--nproc_per_node', '2', '--master_port', str(port), str(script),
+                        str(Path(__file__).parent), json.dumps({k: str(v) for k, v in data.items()}), *common, *stage2,
+                        '--per_device_train_batch_size', '2', '--output_dir', str(tmp_path / 'zero3'),
+                        '--deepspeed', str(ROOT / 'configs/zero3.json')], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    assert abs(losses(tmp_path / 'zero3')[0] - one[0]) < 1e-3, (losses(tmp_path / 'zero3'), one)   # stage 1's weights
+
 def test_deepspeed_checkpoints_are_whole_and_resume(data, tmp_path):
     "Both ranks write their shards into the staging folder; checkpoint-N appears whole; auto resumes under ZeRO-3."
     from tinyllava_nb.train.trainer import checkpoints

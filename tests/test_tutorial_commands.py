@@ -36,12 +36,24 @@ def parse_train(argv: list):
     return parse_args(argv + ['--use_cpu', 'true'])
 
 
+def launcher(argv: list) -> list:
+    "The launcher's own flags parsed by the launcher; the arguments the run's processes get (DeepSpeed's first)."
+    if argv[0] == 'torchrun':
+        from torch.distributed.run import parse_args as torchrun_args
+        torchrun_args(argv[1:])                                    # -m MODULE ARGS: the run's arguments follow
+        return argv[argv.index('tinyllava_nb.train.run') + 1:]
+    from deepspeed.launcher.runner import parse_args as deepspeed_args
+    a = deepspeed_args(argv[1:])                                   # an unknown flag (e.g. -m) exits
+    assert a.module and a.user_script == 'tinyllava_nb.train.run', argv
+    return ['--local_rank=0', *a.user_args]                        # as deepspeed/launcher/launch.py calls the module
+
+
 def check(kind: str, argv: list):
     if kind == 'train': return parse_train(argv)
     if argv[0] == 'tinyllava-nb':
         name, args = parse_command(argv[1:])
         return parse_train(args) if name == 'train' else args
-    return parse_train(argv[argv.index('tinyllava_nb.train.run') + 1:])     # torchrun / deepspeed ... -m tinyllava_nb.train.run
+    return parse_train(launcher(argv))
 
 
 NOTEBOOKS = sorted((ROOT / 'tutorials').glob('*.ipynb'))
@@ -67,3 +79,5 @@ def test_a_wrong_flag_is_caught(monkeypatch):
         check('shell', shlex.split('torchrun --nproc_per_node 1 -m tinyllava_nb.train.run configs/pretrain_phi2_siglip.yaml --no_such_flag 1'))
     with pytest.raises(SystemExit):
         check('shell', shlex.split('tinyllava-nb score pope --annotation-dir a --result-file b'))     # --question-file missing
+    with pytest.raises(SystemExit):                                # DeepSpeed's launcher takes --module, not -m
+        check('shell', shlex.split('deepspeed --num_gpus 8 -m tinyllava_nb.train.run configs/pretrain_phi2_siglip.yaml'))

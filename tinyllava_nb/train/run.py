@@ -92,8 +92,10 @@ def parse_args(argv: list = None) -> tuple:
     "(ModelArguments, DataArguments, TrainingArguments) from `[config.yaml ...] [--flag value ...]`."
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), allow_abbrev=False)
+    rank = argv[:1 if '=' in argv[0] else 2] if argv and argv[0].startswith('--local_rank') else []
+    argv = argv[len(rank):]                                  # DeepSpeed's launcher puts --local_rank=N first
     n = next((i for i, a in enumerate(argv) if not a.endswith(('.yaml', '.yml'))), len(argv))   # leading YAMLs
-    argv = _yaml_to_argv(parser, *argv[:n]) + argv[n:]
+    argv = _yaml_to_argv(parser, *argv[:n]) + rank + argv[n:]
     *args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest: raise ValueError(_unknown(parser, rest))
     return tuple(args)
@@ -263,7 +265,7 @@ def build_model(m: ModelArguments, t: TrainingArguments) -> tuple:
     if t.pretrained_model_path:
         model, tok, proc = load_pretrained(t.pretrained_model_path, trust_remote_code=m.trust_remote_code)
         if quant is not None: _load_llm(model, None, quant, m.trust_remote_code)
-        return _in_float32(model, quant), tok, proc
+        return _train_precision(model, quant, t), tok, proc
     text_config, tok, llm_toy = _text_parts(m)
     vision_config, vision_config2, proc, vis_toy = _vision_parts(m)
     config = _model_config(m, text_config, tok, llm_toy, vision_config, vision_config2, vis_toy)
@@ -273,11 +275,12 @@ def build_model(m: ModelArguments, t: TrainingArguments) -> tuple:
         _load_llm(model, None if llm_toy else m.model_name_or_path, quant, m.trust_remote_code)
     if not vis_toy: model.vision_tower.load(split_vision_path(m.vision_tower)[1], m.vision_tower2 or None)
     model.vision_tower.image_processor = proc
-    return _in_float32(model, quant), tok, proc
+    return _train_precision(model, quant, t), tok, proc
 
-def _in_float32(model, quant):
-    "The model, training, with 32-bit weights (a 4-bit LLM stays 4-bit): mixed precision computes from these."
-    for part in ((model.vision_tower, model.connector) if quant is not None else (model,)): part.float()
+def _train_precision(model, quant, t: TrainingArguments):
+    "The model, training: in 32-bit weights (a 4-bit LLM stays so) unless DeepSpeed, which casts it to 16 bits, runs."
+    if not t.deepspeed:                        # ZeRO-3 may hold its weights partitioned already: leave them to it
+        for part in ((model.vision_tower, model.connector) if quant is not None else (model,)): part.float()
     return model.train()
 
 def _load_llm(model, path, quant, trust_remote_code: bool = False):
