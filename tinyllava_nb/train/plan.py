@@ -161,7 +161,7 @@ def _tokens(m, d, model, samples, text_tokens):
 def plan(argv: list,                 # a training config and overrides, as `tinyllava-nb train` takes them
          gpus: int = 8, gpu: str = 'h100',
          gpu_memory: float = None,   # GB per GPU (default: the GPU's common size)
-         mfu: float = 0.2,           # the model FLOPs utilisation the hours assume (TinyLLaVA's runs: 15-25 %)
+         mfu: float = 0.2,           # the model FLOPs utilisation the hours assume (TinyLLaVA's runs: 14-26 %)
          samples: int = None,        # without the data file: how many samples (each counted at model_max_length)
          text_tokens: int = None,    # without the data file: text tokens per sample (default: model_max_length's)
         ) -> dict:
