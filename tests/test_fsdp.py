@@ -1,8 +1,7 @@
 "FSDP2 with two CPU processes: the losses of one process, a saved model with the sharded model's logits, resume."
-import json, os, socket, subprocess
-from pathlib import Path
+import json
 import pytest, torch
-from test_train import DS_SCRIPT, QUIET, ROOT, data, fixed_batch, losses   # data: the module's world fixture
+from test_train import DS_SCRIPT, QUIET, ROOT, data, fixed_batch, losses, two_processes   # data: the fixture
 from tinyllava_nb.model.tinyllava import load_pretrained
 from tinyllava_nb.train.run import check_args, parse_args, train
 
@@ -32,17 +31,10 @@ RECIPES = {'full': [str(ROOT / 'configs/fsdp.yaml'), '--tune_type_llm', 'full', 
 
 def run_fsdp(tmp_path, data, *flags):
     "Train with FSDP in two CPU processes of batch 2 (a global batch of 4); the script saves the live model's logits."
-    script = tmp_path / 'fsdp_train.py'; script.write_text(CPU_FSDP + DS_SCRIPT + MODULES)
-    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != 'ACCELERATE_USE_CPU'} | {'OMP_NUM_THREADS': '1'}
     yaml = [f for f in flags[:1] if f.endswith('.yaml')]                   # a config comes before the flags
-    cmd = ['torchrun', '--nproc_per_node', '2', '--master_port', str(port), str(script), str(Path(__file__).parent),
-           json.dumps({k: str(v) for k, v in data.items()}), *yaml, '--data_path', str(data['finetune']),
-           '--image_folder', str(data['root']), '--conv_version', 'phi', '--image_aspect_ratio', 'pad',
-           *QUIET, '--per_device_train_batch_size', '2', *flags[len(yaml):]]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-    return r
+    return two_processes(tmp_path, data, *yaml, '--data_path', str(data['finetune']), '--image_folder', str(data['root']),
+                         '--conv_version', 'phi', '--image_aspect_ratio', 'pad', *QUIET,
+                         '--per_device_train_batch_size', '2', *flags[len(yaml):], script=CPU_FSDP + DS_SCRIPT + MODULES)
 
 @pytest.mark.parametrize('recipe', RECIPES)
 def test_fsdp_equals_one_process(recipe, data, tmp_path):

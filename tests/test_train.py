@@ -67,19 +67,24 @@ DS_SCRIPT = textwrap.dedent('''
     if trainer.is_world_process_zero(): torch.save(logits, os.path.join(trainer.args.output_dir, 'final_logits.pt'))
 ''')
 
+def two_processes(tmp_path, data, *flags, script: str = DS_SCRIPT):
+    "Run `script` (DS_SCRIPT by default) under torchrun in two CPU processes with the run's `flags`; assert it ends well."
+    path = tmp_path / 'train_2proc.py'; path.write_text(script)
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != 'ACCELERATE_USE_CPU'} | {'OMP_NUM_THREADS': '1'}
+    r = subprocess.run(['torchrun', '--nproc_per_node', '2', '--master_port', str(port), str(path),
+                        str(Path(__file__).parent), json.dumps({k: str(v) for k, v in data.items()}), *flags],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    return r
+
 @pytest.mark.parametrize('stage', [2, 3])
 def test_deepspeed_two_processes(stage, data, tmp_path):
-    script = tmp_path / 'ds_train.py'; script.write_text(DS_SCRIPT)
-    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
     out = tmp_path / f'zero{stage}'
-    env = {k: v for k, v in os.environ.items() if k != 'ACCELERATE_USE_CPU'} | {'OMP_NUM_THREADS': '1'}
-    cmd = ['torchrun', '--nproc_per_node', '2', '--master_port', str(port), str(script), str(Path(__file__).parent),
-           json.dumps({k: str(v) for k, v in data.items()}),
-           '--data_path', str(data['finetune']), '--image_folder', str(data['root']), '--conv_version', 'phi',
-           '--tune_type_llm', 'full', '--learning_rate', '3e-3', '--max_steps', '12', '--output_dir', str(out),
-           '--deepspeed', str(ROOT / f'configs/zero{stage}.json'), '--image_aspect_ratio', 'pad'] + QUIET
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    two_processes(tmp_path, data, '--data_path', str(data['finetune']), '--image_folder', str(data['root']),
+                  '--conv_version', 'phi', '--tune_type_llm', 'full', '--learning_rate', '3e-3', '--max_steps', '12',
+                  '--output_dir', str(out), '--deepspeed', str(ROOT / f'configs/zero{stage}.json'),
+                  '--image_aspect_ratio', 'pad', *QUIET)
     ls = losses(out)
     assert sum(ls[-3:]) / 3 < sum(ls[:3]) / 3, ls
     model, tok, _ = load_pretrained(out)                                  # a fresh process's view: the saved files
@@ -94,32 +99,19 @@ def test_zero3_continues_a_saved_stage(data, tmp_path):
     stage2 = ['--pretrained_model_path', str(tmp_path / 'pre'), '--max_steps', '1']
     one = losses(train(*parse_args(common + stage2 + ['--output_dir', str(tmp_path / 'one')])).args.output_dir)
     # accelerate starts DeepSpeed's process group for GPU processes only; zero.Init (in from_pretrained) needs it
-    script = tmp_path / 'ds_train.py'
-    script.write_text("import deepspeed; deepspeed.init_distributed(dist_backend='gloo')\n" + DS_SCRIPT)
-    with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k != 'ACCELERATE_USE_CPU'} | {'OMP_NUM_THREADS': '1'}
-    r = subprocess.run(['torchrun', '--nproc_per_node', '2', '--master_port', str(port), str(script),
-                        str(Path(__file__).parent), json.dumps({k: str(v) for k, v in data.items()}), *common, *stage2,
-                        '--per_device_train_batch_size', '2', '--output_dir', str(tmp_path / 'zero3'),
-                        '--deepspeed', str(ROOT / 'configs/zero3.json')], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    two_processes(tmp_path, data, *common, *stage2, '--per_device_train_batch_size', '2', '--output_dir',
+                  str(tmp_path / 'zero3'), '--deepspeed', str(ROOT / 'configs/zero3.json'),
+                  script="import deepspeed; deepspeed.init_distributed(dist_backend='gloo')\n" + DS_SCRIPT)
     assert abs(losses(tmp_path / 'zero3')[0] - one[0]) < 1e-3, (losses(tmp_path / 'zero3'), one)   # stage 1's weights
 
 def test_deepspeed_checkpoints_are_whole_and_resume(data, tmp_path):
     "Both ranks write their shards into the staging folder; checkpoint-N appears whole; auto resumes under ZeRO-3."
     from tinyllava_nb.train.trainer import checkpoints
-    script, out = tmp_path / 'ds_train.py', tmp_path / 'zero3'
-    script.write_text(DS_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != 'ACCELERATE_USE_CPU'} | {'OMP_NUM_THREADS': '1'}
-    def launch(*flags):
-        with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
-        cmd = ['torchrun', '--nproc_per_node', '2', '--master_port', str(port), str(script), str(Path(__file__).parent),
-               json.dumps({k: str(v) for k, v in data.items()}), '--data_path', str(data['finetune']), '--conv_version', 'phi',
-               '--tune_type_llm', 'full', '--learning_rate', '3e-3', '--output_dir', str(out), '--save_strategy', 'steps',
-               '--save_steps', '2', '--deepspeed', str(ROOT / 'configs/zero3.json')] + QUIET + list(flags)
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-        assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
-        return r
+    out = tmp_path / 'zero3'
+    launch = lambda *flags: two_processes(
+        tmp_path, data, '--data_path', str(data['finetune']), '--conv_version', 'phi', '--tune_type_llm', 'full',
+        '--learning_rate', '3e-3', '--output_dir', str(out), '--save_strategy', 'steps', '--save_steps', '2',
+        '--deepspeed', str(ROOT / 'configs/zero3.json'), *QUIET, *flags)
     launch('--max_steps', '4')
     done, torn = checkpoints(out)
     assert [p.name for p in done] == ['checkpoint-2', 'checkpoint-4'] and torn == [] and not list(out.glob('.tmp-*'))
